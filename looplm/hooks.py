@@ -1,0 +1,136 @@
+"""The hook surface: one small interface and one registry per variant family.
+
+    loop count        how many loops T this batch runs                  LOOP_COUNTS
+    backprop window   which of the T loops keep a graph                 BACKPROP_WINDOWS
+    loss estimator    which loops are supervised, with what weight      ESTIMATORS
+    exit prior        the regulariser on the exit distribution          EXIT_PRIORS
+    regularizers      extra loss terms on the trajectory (a list)       REGULARIZERS
+    model structure   norm type and placement (looplm.layers)           NORMS, PLACEMENTS
+
+A plugin subclasses one interface, registers itself with `@FAMILY.register("name")` (which also
+makes it gin-configurable) and lives in one file. The core never imports `variants/`.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from looplm.layers import NORMS, PLACEMENTS  # noqa: F401  (re-exported: the structure family)
+from looplm.readout import IGNORE_INDEX
+from looplm.registry import Registry
+
+LOOP_COUNTS = Registry("loop count")
+BACKPROP_WINDOWS = Registry("backprop window")
+ESTIMATORS = Registry("loss estimator")
+EXIT_PRIORS = Registry("exit prior")
+REGULARIZERS = Registry("regularizer")
+
+
+def step_generator(seed: int, step: int, salt: str) -> torch.Generator:
+    """A generator determined by (seed, step, salt) alone: every data-parallel rank draws the same
+    value, and a resumed run draws what the uninterrupted run drew, with no RNG state to save."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{salt}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+class Plugin:
+    """Common base: optional checkpointed state and a config-time compatibility check."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state but the checkpoint holds {sorted(state)}")
+
+    def validate(self, recipe) -> None:
+        """Raise ValueError, saying why, if this plugin cannot work with the rest of `recipe`."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class LoopCount(Plugin):
+    def sample(self, step: int, n_loops: int, seed: int) -> int:
+        """Loops to run this step; n_loops is the model's configured T."""
+        raise NotImplementedError
+
+
+class BackpropWindow(Plugin):
+    def first_grad_loop(self, step: int, n_loops: int) -> int:
+        """1-based index of the first loop that keeps a graph (n_loops + 1: none does)."""
+        raise NotImplementedError
+
+
+class ExitPrior(Plugin):
+    beta: float = 0.0
+
+    def loop_terms(self, log_p: torch.Tensor, n_loops: int) -> torch.Tensor:
+        """Per-loop terms whose sum over all T loops is the penalty, e.g. p_t (log p_t - log pi_t)
+        for KL(p || pi). log_p holds loops 1..n <= T (the last dim); a term may depend on its own
+        loop only, so a sampled-step estimator can importance-weight a single one."""
+        raise NotImplementedError
+
+
+@dataclass
+class Plan:
+    """What one step runs: decided before the forward pass."""
+
+    n_loops: int  # T of the exit distribution this step
+    run_loops: int  # loops actually run (a sampled-step estimator stops at its loop)
+    first_grad_loop: int  # earlier loops run under no_grad
+    readout: tuple  # 1-based loops whose states are read out
+    extra: dict  # estimator-specific choices (sampled loops, proposal probabilities)
+
+
+class Readouts:
+    """Lazy per-loop read-outs of one trajectory: CE and accuracy per token, gate logits.
+
+    Estimators ask only for what they need, so unread loops never form logits."""
+
+    def __init__(self, model, traj, batch, n_loops: int):
+        self.model, self.traj, self.batch, self.n_loops = model, traj, batch, n_loops
+        self.mask = batch.targets != IGNORE_INDEX
+        self._ce = {}
+
+    def ce(self, t: int, rows=None):
+        """(ce, correct) of loop t, each (B, S) or (len(rows), S)."""
+        key = (t, None if rows is None else tuple(rows.tolist()))
+        if key not in self._ce:
+            state, targets = self.traj.states[t - 1], self.batch.targets
+            if state is None:
+                raise RuntimeError(f"loop {t} was not kept; the estimator's plan must list it in readout")
+            if rows is not None:
+                state, targets = state[rows], targets[rows]
+            self._ce[key] = self.model.token_loss(state, targets)
+        return self._ce[key]
+
+    def ce_all(self, loops=None):
+        loops = loops or range(1, self.n_loops + 1)
+        pairs = [self.ce(t) for t in loops]
+        return torch.stack([c for c, _ in pairs], -1), torch.stack([k for _, k in pairs], -1)
+
+    def gate_logits(self, upto: int | None = None) -> torch.Tensor:
+        """(B, S, upto) gate logits of loops 1..upto."""
+        upto = upto or self.n_loops
+        return torch.stack([self.model.exit_logits(self.traj.gate_inputs[t]) for t in range(upto)], -1)
+
+
+class LossEstimator(Plugin):
+    trains = "all"  # "gate": only the exit gate is trained (Ouro Stage II)
+
+    def plan(self, n_loops: int, step: int, seed: int) -> tuple[int, tuple, dict]:
+        """(loops to run, loops to read out, extra) for a step whose exit distribution has
+        n_loops loops."""
+        raise NotImplementedError
+
+    def loss(self, ro: Readouts, plan: Plan, prior: ExitPrior) -> tuple[torch.Tensor, dict]:
+        """The scalar loss and a dict of metrics (floats or per-loop lists)."""
+        raise NotImplementedError
+
+
+class Regularizer(Plugin):
+    def apply(self, loss: torch.Tensor, model, traj, batch, step: int) -> tuple[torch.Tensor, dict]:
+        """Return the loss with this term added (or mixed in) and metrics about the term."""
+        raise NotImplementedError

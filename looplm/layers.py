@@ -1,0 +1,116 @@
+"""Transformer building blocks: norms, residual placements, RoPE attention, SwiGLU, one layer.
+
+Norm types and residual placements are registries so that the STARS norm study (variants/norms.py)
+can add its own without touching this file; Ouro's RMSNorm + sandwich_branch live here.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from looplm.config import ModelConfig
+from looplm.registry import Registry
+
+NORMS = Registry("norm type")
+PLACEMENTS = Registry("norm placement")
+
+
+@NORMS.register("rmsnorm")
+class RMSNorm(nn.Module):
+    """Ouro's RMSNorm: statistics in float32, cast back, then the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return NORMS.get(cfg.norm_type)(cfg.d_model, eps=cfg.norm_eps)
+
+
+@PLACEMENTS.register("sandwich_branch")
+class SandwichBranch(nn.Module):
+    """Ouro: both norms inside the residual branch, `x + norm_out(f(norm_in(x)))`."""
+
+    def __init__(self, cfg: ModelConfig, sublayer: nn.Module):
+        super().__init__()
+        self.norm_in, self.sublayer, self.norm_out = make_norm(cfg), sublayer, make_norm(cfg)
+
+    def forward(self, x, *args, **kwargs):
+        return x + self.norm_out(self.sublayer(self.norm_in(x), *args, **kwargs))
+
+
+class RotaryEmbedding(nn.Module):
+    """Split-half RoPE, `inv_freq = 1 / base**(arange(0, d, 2) / d)` with d = head_dim."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and sin of shape (S, head_dim) for integer positions (S,)."""
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention through SDPA; no biases, no QK-norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, rope, mask, cache=None, slot=None):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(slot, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                           enable_gqa=self.kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    """`down(silu(gate(x)) * up(x))`, no biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    """One decoder layer: attention then MLP, each wrapped in the configured norm placement."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        placement = PLACEMENTS.get(cfg.norm_placement)
+        self.attn = placement(cfg, Attention(cfg))
+        self.mlp = placement(cfg, SwiGLU(cfg))
+
+    def forward(self, x, rope, mask, cache=None, slot=None):
+        return self.mlp(self.attn(x, rope, mask, cache=cache, slot=slot))

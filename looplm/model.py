@@ -1,0 +1,168 @@
+"""The LoopLM: one shared stack of N layers applied T times, read out after every loop (Ouro).
+
+    x_0 = embed(ids)                         (not scaled; optional un-shared prelude layers)
+    z_t = stack(x_{t-1})                     the same N layers every loop
+    h_t = final_norm(z_t)                    what the LM head and the exit gate read
+    x_t = h_t                                the normed state is carried into the next loop
+
+The forward pass returns the trajectory of states; reading them out (LM head + cross-entropy,
+exit gate) is the objective's job, so a recipe forms only the logits it needs.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from looplm.config import ModelConfig
+from looplm.layers import Layer, RotaryEmbedding, make_norm
+from looplm.readout import linear_cross_entropy
+
+
+@dataclass
+class Trajectory:
+    """What one forward pass produced. Lists are indexed by loop - 1 and hold None for loops the
+    caller did not keep."""
+
+    n_loops: int
+    states: list  # h_t: input of the LM head
+    gate_inputs: list  # input of the exit gate (h_t for Ouro; z_t when gate_on_normed=False)
+    final_state: torch.Tensor | None = None  # detached x_T: where a Jacobian regulariser probes
+    context: "LoopContext | None" = None
+
+
+@dataclass
+class LoopContext:
+    """Per-call constants shared by every loop: RoPE tables, attention mask, KV cache."""
+
+    rope: tuple
+    mask: torch.Tensor | None
+    cache: "KVCache | None" = None
+
+
+@dataclass
+class KVCache:
+    """One key/value slot per (stage, loop, layer). The looped slots follow Ouro's index
+    `loop * N + layer`; prelude and coda layers get their own."""
+
+    slots: dict = field(default_factory=dict)
+
+    def update(self, slot, k, v):
+        if slot in self.slots:
+            k = torch.cat([self.slots[slot][0], k], dim=2)
+            v = torch.cat([self.slots[slot][1], v], dim=2)
+        self.slots[slot] = (k, v)
+        return k, v
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.slots.values()))[0].shape[2] if self.slots else 0
+
+
+def attention_mask(doc_ids: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """Boolean (B or 1, 1, q, kv) mask: causal, and within one document when doc_ids is given.
+
+    None means plain causal attention, which SDPA handles without materialising a mask."""
+    if doc_ids is None and q_len == kv_len:
+        return None
+    offset = kv_len - q_len
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=offset)
+    if doc_ids is None:
+        return causal[None, None]
+    if q_len != kv_len:
+        raise ValueError("document masks are supported for full sequences only, not with a KV cache")
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same_doc)[:, None]
+
+
+class LoopLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.prelude = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_prelude))
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.coda = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_coda))
+        self.final_norm = make_norm(cfg)
+        self.gate = nn.Linear(cfg.d_model, 1, bias=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
+        self.apply(self._init_weights)
+        if cfg.tie_head:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def context(self, seq_len: int, doc_ids=None, cache: KVCache | None = None, dtype=torch.float32):
+        start = cache.length if cache is not None else 0
+        device = self.embed.weight.device
+        positions = torch.arange(start, start + seq_len, device=device)
+        mask = attention_mask(doc_ids, seq_len, start + seq_len, device)
+        return LoopContext(rope=self.rotary(positions, dtype), mask=mask, cache=cache)
+
+    def _run(self, layers, x, ctx: LoopContext, slot_prefix):
+        for i, layer in enumerate(layers):
+            x = layer(x, ctx.rope, ctx.mask, cache=ctx.cache, slot=(*slot_prefix, i))
+        return x
+
+    def recurrence(self, x, ctx: LoopContext, loop: int = 0):
+        """One application of the shared stack plus the final norm: the map x_{t-1} -> x_t whose
+        Jacobian the STARS regulariser penalises. Returns (carried state x_t, raw output z_t)."""
+        z = self._run(self.layers, x, ctx, ("loop", loop))
+        return (self.final_norm(z) if self.cfg.carry_normed else z), z
+
+    def forward(self, input_ids, n_loops: int | None = None, doc_ids=None, first_grad_loop: int = 1,
+                keep=None, cache: KVCache | None = None) -> Trajectory:
+        """Run `n_loops` loops (default cfg.n_loops; more is depth extrapolation).
+
+        first_grad_loop: loops before it run under torch.no_grad() (truncated backprop); their
+            states are kept detached. keep: 1-based loops whose states to return (default all).
+        """
+        T = self.cfg.n_loops if n_loops is None else n_loops
+        if T < 1:
+            raise ValueError(f"n_loops={T} must be >= 1")
+        if not 1 <= first_grad_loop <= T + 1:
+            raise ValueError(f"first_grad_loop={first_grad_loop} must be in [1, {T + 1}]")
+        keep = set(range(1, T + 1)) if keep is None else set(keep)
+        x = self.embed(input_ids)
+        ctx = self.context(input_ids.shape[1], doc_ids, cache, x.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad_loop == 1):
+            x = self._run(self.prelude, x, ctx, ("prelude",))
+        traj = Trajectory(n_loops=T, states=[None] * T, gate_inputs=[None] * T, context=ctx)
+        for t in range(1, T + 1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
+                x, z = self.recurrence(x, ctx, loop=t - 1)
+                if t in keep:
+                    traj.states[t - 1], traj.gate_inputs[t - 1] = self._readout_states(x, z, ctx, t)
+        traj.final_state = x.detach()
+        return traj
+
+    def _readout_states(self, x, z, ctx, t):
+        cfg = self.cfg
+        if cfg.n_coda:
+            r = self._run(self.coda, z, ctx, ("coda", t - 1))
+            h = self.final_norm(r)
+            return h, (h if cfg.gate_on_normed else r)
+        h = x if cfg.carry_normed else self.final_norm(z)
+        return h, (h if cfg.gate_on_normed else z)
+
+    # -- read-outs --------------------------------------------------------------------------
+    def exit_logits(self, gate_input) -> torch.Tensor:
+        """Gate logit per token in float32: lambda_t = sigmoid(logit)."""
+        return self.gate(gate_input).squeeze(-1).float()
+
+    def logits(self, state) -> torch.Tensor:
+        return self.lm_head(state)
+
+    def token_loss(self, state, targets, chunk_size: int | None = None):
+        """Per-token cross-entropy and argmax-correctness of one loop, without forming the whole
+        logit tensor (see looplm.readout)."""
+        return linear_cross_entropy(state, self.lm_head.weight, targets, chunk_size=chunk_size)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
