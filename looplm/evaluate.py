@@ -1,0 +1,49 @@
+"""Held-out evaluation: per-loop loss, accuracy and exact match, at and beyond the trained depth.
+
+Loop t's state does not depend on how many loops follow it, so one forward pass of `max_loops`
+loops yields the metrics of every loop count 1..max_loops (depth extrapolation included).
+"""
+
+import torch
+
+from looplm.data.batch import exact_match
+from looplm.objectives import entropy, log_exit_probs
+
+
+@torch.no_grad()
+def evaluate(model, task, max_loops: int, batch_size: int = 256, max_batches: int | None = None) -> dict:
+    """Metrics lists are indexed by loop - 1; exit statistics use the model's trained T."""
+    was_training = model.training
+    model.eval()
+    T = min(model.cfg.n_loops, max_loops)
+    ce = torch.zeros(max_loops, dtype=torch.float64)
+    correct = torch.zeros(max_loops, dtype=torch.float64)
+    matched = torch.zeros(max_loops, dtype=torch.float64)
+    exit_p = torch.zeros(T, dtype=torch.float64)
+    exit_entropy = 0.0
+    n_tokens = n_units = 0
+    for i, batch in enumerate(task.eval_batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = batch.to(model.embed.weight.device)
+        traj = model(batch.input_ids, n_loops=max_loops, doc_ids=batch.doc_ids)
+        mask = batch.targets != -100
+        for t in range(max_loops):
+            loop_ce, loop_correct = model.token_loss(traj.states[t], batch.targets)
+            ce[t] += loop_ce.sum().item()
+            correct[t] += loop_correct.sum().item()
+            units = exact_match(loop_correct, batch)
+            matched[t] += units.sum().item()
+        n_units += units.numel()
+        n_tokens += mask.sum().item()
+        gates = torch.stack([model.exit_logits(traj.gate_inputs[t]) for t in range(T)], -1)
+        log_p = log_exit_probs(gates)[mask]
+        exit_p += log_p.exp().sum(0).double().cpu()
+        exit_entropy += entropy(log_p).sum().item()
+    model.train(was_training)
+    n_tokens, n_units = max(n_tokens, 1), max(n_units, 1)
+    exit_p /= n_tokens
+    return {"ce": (ce / n_tokens).tolist(), "acc": (correct / n_tokens).tolist(),
+            "exact_match": (matched / n_units).tolist(), "exit_p": exit_p.tolist(),
+            "exit_mean": float((exit_p * torch.arange(1, T + 1)).sum()),
+            "entropy": exit_entropy / n_tokens}

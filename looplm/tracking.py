@@ -1,0 +1,61 @@
+"""Experiment tracking: every run is an Aim run (or nothing, when switched off).
+
+Per-loop metrics are one Aim metric with a `{"loop": t}` context, so Aim's explorer can group
+and compare loops; evaluation metrics carry `{"subset": "eval"}`.
+"""
+
+import gin
+
+
+@gin.configurable
+class Tracker:
+    def __init__(self, repo: str | None = "runs/aim", experiment: str = "default", enabled: bool = True):
+        self.repo, self.experiment, self.enabled = repo, experiment, enabled
+        self.run = None
+
+    def open(self, hparams: dict, run_hash: str | None = None) -> str | None:
+        """Start a new Aim run, or reopen `run_hash` when a resumed job continues its run."""
+        if not self.enabled:
+            return None
+        import aim
+
+        if run_hash:
+            self.run = aim.Run(run_hash=run_hash, repo=self.repo)
+        else:
+            self.run = aim.Run(repo=self.repo, experiment=self.experiment)
+            self.run["hparams"] = hparams
+        return self.run.hash
+
+    def log(self, metrics: dict, step: int, context: dict | None = None) -> None:
+        """Track scalar metrics; a list value is per loop and gets `{"loop": t}` (1-based)."""
+        if self.run is None:
+            return
+        context = context or {}
+        for name, value in metrics.items():
+            if isinstance(value, (list, tuple)):
+                for t, v in enumerate(value, start=1):
+                    self.run.track(float(v), name=name, step=step, context={**context, "loop": t})
+            else:
+                self.run.track(float(value), name=name, step=step, context=context)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.close()
+            self.run = None
+
+
+def open_repo(path: str):
+    """An Aim repo whose queries see every run, including ones that just finished.
+
+    Aim indexes runs lazily in a background thread of the UI server; a collect step that runs
+    right after the jobs would miss them, so index the runs whose index is out of date here."""
+    import aim
+    from aim.sdk.index_manager import RepoIndexManager
+
+    repo = aim.Repo.from_path(str(path))
+    manager = RepoIndexManager.get_index_manager(repo)
+    index = repo._get_index_tree("meta", 0).view(())
+    for run_hash in repo.list_all_runs():
+        if manager._is_run_index_outdated(run_hash, index):
+            manager.index(run_hash)
+    return repo

@@ -1,0 +1,135 @@
+"""The trainer and the command line: learning, exact resume, atomic checkpoints, pre-emption,
+Stage II from a Stage I checkpoint, Aim tracking, and config errors that stop before training."""
+
+import os
+import signal
+
+import gin
+import pytest
+import torch
+
+from looplm import checkpoint
+from looplm.config import model_config
+from looplm.data import AdditionTask
+from looplm.recipe import GateTraining, Recipe
+from looplm.run import main
+from looplm.tracking import Tracker, open_repo
+from looplm.train import PREEMPTED_EXIT_CODE, RunControl, train
+
+TINY = dict(preset="tiny", d_model=32, n_layers=1, n_heads=2, d_ff=64, n_loops=3)
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    gin.bind_parameter("build_optimizer.lr", 3e-3)
+    gin.bind_parameter("lr_multiplier.warmup_steps", 5)
+    yield
+    gin.clear_config()
+
+
+def run(tmp_path, steps, **kw):
+    args = dict(task=AdditionTask(n_eval=64), model_config=model_config(**TINY), run_dir=str(tmp_path),
+                steps=steps, batch_size=16, eval_every=1000, checkpoint_every=1000,
+                eval_batch_size=64, progress=False, seed=3)
+    args.update(kw)
+    return train(**args)
+
+
+def test_short_run_lowers_the_loss(tmp_path):
+    summary = run(tmp_path, steps=60, checkpoint_every=60)
+    first, last = sum(summary["history"][:5]) / 5, sum(summary["history"][-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    assert len(summary["eval"]["ce"]) == 6  # evaluated at 1..2T loops
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.gin").exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = run(tmp_path / "full", steps=12)
+    # interrupted at step 5 (a checkpoint there), then resumed to 12
+    part = run(tmp_path / "resumed", steps=5, checkpoint_every=5)
+    assert part["step"] == 5
+    resumed = run(tmp_path / "resumed", steps=12, checkpoint_every=5)
+    assert resumed["history"] == full["history"]  # bit-exact, float for float
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(path, {"step": 2})
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
+
+
+def test_preemption_signal_checkpoints_and_resume_finishes(tmp_path):
+    control = RunControl()
+
+    class SignalAtStep(AdditionTask):
+        def train_batch(self, step, batch_size):
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().train_batch(step, batch_size)
+
+    first = run(tmp_path, steps=10, task=SignalAtStep(n_eval=64), control=control)
+    assert first["preempted"] == "SIGUSR1" and first["step"] == 5
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 5
+    second = run(tmp_path, steps=10)
+    assert second["step"] == 10 and second["preempted"] is None
+    assert second["history"] == run(tmp_path / "ref", steps=10)["history"]
+
+
+def test_stage2_trains_only_the_gate_from_a_stage1_checkpoint(tmp_path):
+    class NoPrior(__import__("looplm.hooks", fromlist=["ExitPrior"]).ExitPrior):
+        beta = 0.0
+
+        def loop_terms(self, log_p, n_loops):
+            return torch.zeros_like(log_p)
+
+    run(tmp_path / "stage1", steps=10)
+    before = checkpoint.load(tmp_path / "stage1" / "checkpoint.pt")["model"]
+    run(tmp_path / "stage2", steps=5, init_from=str(tmp_path / "stage1"),
+        recipe=Recipe(estimator=GateTraining(), prior=NoPrior()))
+    after = checkpoint.load(tmp_path / "stage2" / "checkpoint.pt")["model"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"gate.weight", "gate.bias"}
+
+
+def test_aim_run_holds_per_loop_and_eval_metrics(tmp_path):
+    tracker = Tracker(repo=str(tmp_path / "aim"), experiment="unit")
+    run(tmp_path / "run", steps=4, eval_every=4, tracker=tracker)
+    repo = open_repo(tmp_path / "aim")
+    hashes = repo.list_all_runs()
+    assert len(hashes) == 1
+    tracked = {}
+    for trace in repo.query_metrics("run.experiment == 'unit'", report_mode=0).iter():
+        tracked[(trace.name, tuple(sorted(trace.context.to_dict().items())))] = trace.data.indices_list()
+    assert tracked[("ce", (("loop", 2), ("subset", "train")))] == [0, 1, 2, 3]
+    assert ("exact_match", (("loop", 6), ("subset", "eval"))) in tracked
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("train.stepz = 3", "stepz"),
+    ("Recipe.estimator = @NoSuchEstimator()", "NoSuchEstimator"),
+    ("AdditionTask.n_digits = 0", "n_digits"),
+    ("train.steps = 0", "train.steps"),
+])
+def test_config_errors_stop_before_training(tmp_path, capsys, binding, message):
+    code = main(["--gin", "gin/full_unroll.gin", "--bind", f'train.run_dir = "{tmp_path}"',
+                 "--bind", "Tracker.enabled = False", "--bind", binding])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_command_line_runs_the_default_job_briefly(tmp_path):
+    code = main(["--gin", "gin/full_unroll.gin", "--bind", f'train.run_dir = "{tmp_path}"',
+                 "--bind", "train.steps = 3", "--bind", "Tracker.enabled = False",
+                 "--bind", "train.progress = False", "--bind", "AdditionTask.n_eval = 32"])
+    assert code == 0
+    assert "Recipe.estimator = @ExitWeighted()" in (tmp_path / "config.gin").read_text()
