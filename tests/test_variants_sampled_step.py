@@ -1,0 +1,290 @@
+"""variants.sampled_step: unbiasedness by exact enumeration over the sampled loop, the proposals,
+the Min-SNR weights, and that only loops 1..t run."""
+
+import io
+import itertools
+import math
+
+import pytest
+import torch
+
+from looplm.config import model_config
+from looplm.data.batch import IGNORE_INDEX, Batch
+from looplm.hooks import Plan, Readouts
+from looplm.model import LoopLM
+from looplm.objectives import log_exit_probs, token_mean
+from looplm.recipe import ExitWeighted, FixedLoops, Recipe, UniformPrior
+from variants.priors import GeometricPrior
+from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, MinSNRWeighting, NoWeighting,
+                                   SampledStep, UniformProposal)
+from variants.truncated import LastLoops
+
+
+def tiny(dtype=torch.float32):
+    torch.manual_seed(0)
+    return LoopLM(model_config("tiny")).to(dtype)
+
+
+def batch(B=2, S=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (B, S), generator=g)
+    targets = torch.randint(0, 64, (B, S), generator=g)
+    targets[0, :3] = IGNORE_INDEX
+    return Batch(ids, targets)
+
+
+def forced_loss(model, b, est, prior, T, q, t=None, rows=None):
+    """The estimator's loss with its draw forced: loop t for the batch, or loops `rows` per row."""
+    extra = {"q": q, "seed": 0, "step": 0}
+    if rows is None:
+        extra["t"] = t
+        run = t
+    else:
+        extra["rows"] = torch.tensor(rows)
+        run = T
+    plan = Plan(n_loops=T, run_loops=run, first_grad_loop=1, readout=tuple(range(1, run + 1)), extra=extra)
+    traj = model(b.input_ids, n_loops=run, keep=plan.readout)
+    return est.loss(Readouts(model, traj, b, T), plan, prior)[0]
+
+
+def param_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+PRIORS = [UniformPrior(0.1), GeometricPrior(beta=0.2, lambda_p=0.3)]
+
+
+@pytest.mark.parametrize("prior", PRIORS, ids=["uniform", "geometric"])
+def test_expectation_over_q_equals_full_unroll_value_and_gradient(prior):
+    T = 4
+    model, b = tiny(torch.float64), batch()
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    est = SampledStep(proposal=FixedScheduleProposal(q.tolist()))
+    full, _ = Recipe(loop_count=FixedLoops(T), estimator=ExitWeighted(), prior=prior).loss(model, b, 0)
+    expected = sum(q[t - 1] * forced_loss(model, b, est, prior, T, q, t=t) for t in range(1, T + 1))
+    torch.testing.assert_close(expected, full.to(expected.dtype), rtol=1e-6, atol=1e-7)
+    for g_est, g_full in zip(param_grads(model, expected), param_grads(model, full)):
+        torch.testing.assert_close(g_est, g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_per_sequence_expectation_equals_full_unroll():
+    T, B = 3, 2
+    model, b = tiny(torch.float64), batch(B=B)
+    prior = UniformPrior(0.1)
+    q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    est = SampledStep(proposal=FixedScheduleProposal(q.tolist()), per_sequence=True)
+    full, _ = Recipe(loop_count=FixedLoops(T), prior=prior).loss(model, b, 0)
+    expected = 0
+    for rows in itertools.product(range(1, T + 1), repeat=B):
+        weight = math.prod(float(q[t - 1]) for t in rows)
+        expected = expected + weight * forced_loss(model, b, est, prior, T, q, rows=list(rows))
+    torch.testing.assert_close(expected, full.to(expected.dtype), rtol=1e-6, atol=1e-7)
+    for g_est, g_full in zip(param_grads(model, expected), param_grads(model, full)):
+        torch.testing.assert_close(g_est, g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_weighted_expectation_is_the_reweighted_objective():
+    """With Min-SNR weights E_q[L] = sum_t w_t p_t CE_t + beta * prior: not Stage I, by design."""
+    T = 4
+    model, b = tiny(torch.float64), batch()
+    q = UniformProposal().probs(T, 0)
+    weighting = MinSNRWeighting(gamma=2.0, snr="schedule")
+    w = weighting.weights(q, T)
+    est = SampledStep(weighting=weighting)
+    prior = UniformPrior(0.1)
+    with torch.no_grad():
+        expected = sum(q[t - 1] * forced_loss(model, b, est, prior, T, q, t=t) for t in range(1, T + 1))
+        traj = model(b.input_ids, n_loops=T)
+        ro = Readouts(model, traj, b, T)
+        ce, _ = ro.ce_all()
+        p = log_exit_probs(ro.gate_logits()).double().exp()
+        want = token_mean((w * p * ce.double()).sum(-1) + 0.1 * (p * p.log()).sum(-1), ro.mask)
+        plain = token_mean((p * ce.double()).sum(-1) + 0.1 * (p * p.log()).sum(-1), ro.mask)
+    torch.testing.assert_close(expected, want, rtol=1e-6, atol=1e-7)
+    assert not torch.isclose(expected, plain)
+
+
+class Counting:
+    """Wraps a model's recurrence and token_loss to record what ran."""
+
+    def __init__(self, model):
+        self.loops, self.readouts = [], []
+        recurrence, token_loss = model.recurrence, model.token_loss
+
+        def counted_recurrence(x, ctx, loop=0):
+            self.loops.append(loop + 1)
+            return recurrence(x, ctx, loop)
+
+        def counted_token_loss(state, targets, chunk_size=None):
+            self.readouts.append(state)
+            return token_loss(state, targets, chunk_size)
+
+        model.recurrence, model.token_loss = counted_recurrence, counted_token_loss
+
+
+def test_only_loops_up_to_t_run_and_only_loop_t_is_read_out():
+    model, b = tiny(), batch()
+    recipe = Recipe(loop_count=FixedLoops(6), estimator=SampledStep())
+    seen = set()
+    for step in range(12):
+        counter = Counting(model)
+        t = recipe.plan(step, model.cfg.n_loops).extra["t"]
+        loss, metrics = recipe.loss(model, b, step)
+        assert counter.loops == list(range(1, t + 1))
+        assert len(counter.readouts) == 1 and counter.readouts[0].shape == (2, 8, model.cfg.d_model)
+        assert metrics["sampled_loop"] == t and metrics["q_t"] == pytest.approx(1 / 6)
+        seen.add(t)
+        del model.recurrence, model.token_loss  # back to the class methods
+    assert len(seen) > 2  # different steps draw different loops
+
+
+def test_read_out_state_is_loop_t():
+    model, b = tiny(), batch()
+    est = SampledStep()
+    plan_t = 3
+    q = UniformProposal().probs(4, 0)
+    counter = Counting(model)
+    forced_loss(model, b, est, UniformPrior(), 4, q, t=plan_t)
+    del model.recurrence, model.token_loss
+    with torch.no_grad():
+        traj = model(b.input_ids, n_loops=4)
+    torch.testing.assert_close(counter.readouts[0].detach(), traj.states[plan_t - 1])
+
+
+def test_draws_follow_q_and_agree_across_ranks():
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    est = SampledStep(proposal=FixedScheduleProposal(q.tolist()))
+    n = 4000
+    draws = torch.tensor([est.plan(4, step, seed=7)[2]["t"] for step in range(n)])
+    freq = torch.bincount(draws - 1, minlength=4).double() / n
+    se = (q * (1 - q) / n).sqrt()
+    assert ((freq - q).abs() < 5 * se).all(), (freq, q)
+    # another "rank" (a fresh estimator, same seed and step) draws the same; another seed differs
+    other = SampledStep(proposal=FixedScheduleProposal(q.tolist()))
+    assert [other.plan(4, s, seed=7)[2]["t"] for s in range(50)] == draws[:50].tolist()
+    assert [other.plan(4, s, seed=8)[2]["t"] for s in range(50)] != draws[:50].tolist()
+
+
+def clts_reference(T, s, a_max, sigma_start, sigma_end, floor):
+    """The documented CLTS schedule written out with python floats."""
+    a, mu, sigma = a_max * s, 1 + (T - 1) * s, sigma_start + (sigma_end - sigma_start) * s
+    dens = [math.exp(-((t - mu) ** 2) / (2 * sigma * sigma)) for t in range(1, T + 1)]
+    g = [d / sum(dens) for d in dens]
+    return [(1 - floor) * ((1 - a) / T + a * gt) + floor / T for gt in g]
+
+
+def test_clts_schedule():
+    T, total = 8, 1000
+    prop = CLTSProposal(total_steps=total, a_max=1.0, sigma_start=3.0, sigma_end=0.3, floor=0.02)
+    means = []
+    for step in (0, 100, 250, 500, 750, 1000, 5000):
+        q = prop.probs(T, step)
+        s = min(1.0, step / total)
+        torch.testing.assert_close(q, torch.tensor(clts_reference(T, s, 1.0, 3.0, 0.3, 0.02), dtype=torch.float64))
+        assert float(q.sum()) == pytest.approx(1.0, abs=1e-12)
+        assert float(q.min()) >= 0.02 / T - 1e-15  # full support through the floor
+        means.append(float((q * torch.arange(1, T + 1)).sum()))
+    torch.testing.assert_close(prop.probs(T, 0), torch.full((T,), 1 / T, dtype=torch.float64))
+    # easy (early) loops first: the mean loop dips below the uniform 4.5 while the focus rises at
+    # the first loops, then the mass moves to later loops as the centre travels to T
+    assert means[1] < means[0] and means[2] < means[0], means
+    assert all(a < b for a, b in zip(means[2:-2], means[3:-1])), means
+    assert means[-1] == means[-2] > 7.5  # s is clamped at 1
+    argmax = [int(prop.probs(T, step).argmax()) for step in range(100, 1001, 100)]
+    assert argmax == sorted(argmax) and argmax[0] <= 1 and argmax[-1] == T - 1
+    assert int(prop.probs(T, total).argmax()) == T - 1
+
+
+def test_min_snr_weights_by_hand():
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    sched = MinSNRWeighting(gamma=2.0, snr="schedule", s0=1.0)
+    raw = [1.0, 1.0, 2 / 3, 2 / 4]  # min(t, 2) / t
+    norm = sum(qt * r for qt, r in zip(q.tolist(), raw))
+    torch.testing.assert_close(sched.weights(q, 4), torch.tensor([r / norm for r in raw], dtype=torch.float64))
+    assert float((q * sched.weights(q, 4)).sum()) == pytest.approx(1.0)
+
+    ema = MinSNRWeighting(gamma=5.0, snr="ema", ema_decay=0.5)
+    torch.testing.assert_close(ema.weights(q, 4), torch.ones(4, dtype=torch.float64))  # nothing observed
+    ema.observe(1, 0.1)   # SNR 10 -> capped: raw 0.5
+    ema.observe(2, 2.0)   # SNR 0.5 -> raw 1
+    ema.observe(2, 1.0)   # EMA 0.5 * 2 + 0.5 * 1 = 1.5 -> SNR 2/3 -> raw 1
+    ema.observe(3, 0.4)   # SNR 2.5 -> raw 1
+    ema.observe(3, 0.0)   # EMA 0.2 -> SNR 5 -> raw 1
+    ema.observe(4, 0.1)
+    ema.observe(4, 0.0)   # EMA 0.05 -> SNR 20 -> raw 0.25
+    assert ema.ema == pytest.approx({1: 0.1, 2: 1.5, 3: 0.2, 4: 0.05})
+    raw = [0.5, 1.0, 1.0, 0.25]
+    norm = sum(qt * r for qt, r in zip(q.tolist(), raw))
+    torch.testing.assert_close(ema.weights(q, 4), torch.tensor([r / norm for r in raw], dtype=torch.float64))
+    assert float((q * ema.weights(q, 4)).sum()) == pytest.approx(1.0)
+
+
+def test_state_round_trip_through_recipe():
+    model, b = tiny(), batch()
+
+    def make():
+        return Recipe(loop_count=FixedLoops(4), window=LastLoops(2),
+                      estimator=SampledStep(proposal=CLTSProposal(total_steps=10),
+                                            weighting=MinSNRWeighting(snr="ema", ema_decay=0.9),
+                                            per_sequence=True))
+
+    recipe = make()
+    for step in range(5):
+        loss, metrics = recipe.loss(model, b, step)
+        loss.backward()
+    assert set(metrics) >= {"sampled_loop", "sampled_ce", "sampled_acc", "q_t", "weight", "n_loops"}
+    state = recipe.state_dict()
+    assert state["estimator"]["weighting"]["ema"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert resumed.estimator.weighting.ema == recipe.estimator.weighting.ema
+    with torch.no_grad():
+        a, ma = recipe.loss(model, b, 5)
+        c, mc = resumed.loss(model, b, 5)
+    torch.testing.assert_close(a, c)
+    assert ma == mc
+
+
+def test_stateless_parts_have_empty_state():
+    est = SampledStep(proposal=CLTSProposal(total_steps=5), weighting=NoWeighting())
+    assert est.state_dict() == {}
+    est.load_state_dict({})
+    with pytest.raises(ValueError, match="no state"):
+        est.load_state_dict({"weighting": {"ema": {1: 1.0}}})
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: FixedScheduleProposal([0.5, 0.0, 0.5]), "positive"),
+    (lambda: CLTSProposal(total_steps=0), "total_steps"),
+    (lambda: CLTSProposal(total_steps=10, floor=0.0), "floor"),
+    (lambda: CLTSProposal(total_steps=10, a_max=1.5), "a_max"),
+    (lambda: MinSNRWeighting(snr="loss"), "snr='loss'"),
+    (lambda: MinSNRWeighting(gamma=0), "gamma"),
+    (lambda: MinSNRWeighting(ema_decay=1.0), "ema_decay"),
+    (lambda: SampledStep(proposal="uniform"), "not a Proposal"),
+    (lambda: SampledStep(per_sequence=1), "per_sequence"),
+])
+def test_bad_arguments(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_fixed_schedule_length_must_match_T():
+    est = SampledStep(proposal=FixedScheduleProposal([0.5, 0.5]))
+    with pytest.raises(ValueError, match="T=3"):
+        est.plan(3, 0, 0)
+
+
+def test_fixed_schedule_needs_a_fixed_loop_count():
+    from variants.random_loops import PoissonLoops
+    est = SampledStep(proposal=FixedScheduleProposal([0.5, 0.5]))
+    with pytest.raises(ValueError, match="fixed loop count"):
+        Recipe(loop_count=PoissonLoops(), estimator=est)
+    with pytest.raises(ValueError, match="FixedLoops.n_loops=3"):
+        Recipe(loop_count=FixedLoops(3), estimator=est)
+    Recipe(loop_count=FixedLoops(2), estimator=est)

@@ -1,0 +1,78 @@
+"""Truncated backprop through the loops: only the last k loops keep a graph (BACKPROP_WINDOWS).
+
+    LastLoops(k)                    loops T-k+1..T keep their graph, loops 1..T-k run under no_grad
+                                    (k = 1: HRM's one-step gradient; k = 8: Huginn)
+    RampedLastLoops(k_start, k_end, ramp_steps)
+                                    k ramps linearly from k_start to k_end over ramp_steps steps,
+                                    then stays at k_end (retrofitted recurrence)
+
+`first_grad_loop(step, n_loops) = max(1, n_loops - k + 1)`. The loops before it still run and
+their states can still be read out: their losses then train the LM head and the exit gate (the
+state is a detached input there) but nothing upstream of it.
+
+A property of the combination, not a bug: Ouro's architecture has no input injection (the
+embedding enters only through loop 1), so when loop 1 runs without grad, i.e. whenever k < T,
+**the embedding and any prelude layers receive no gradient at all** (except through a tied LM
+head). They stay at their initialisation (or at the weights a run started from) for as long as
+the window excludes loop 1. HRM and Huginn feed the embedding into every loop, which is why the
+one-step gradient still trains their embedding; here it does not. Use k >= T, a ramp that reaches
+T, or a model with input injection if the embedding must learn.
+
+Under a sampled-step estimator the window counts back from the last loop actually run (the
+sampled loop t), since `Recipe.plan` calls `first_grad_loop(step, run_loops)`.
+"""
+
+import math
+
+from looplm.hooks import BACKPROP_WINDOWS, BackpropWindow
+
+
+def _check_k(owner: str, name: str, k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{owner}.{name}={k!r} must be an integer >= 1 (the number of last loops "
+                         "that keep their graph)")
+    return k
+
+
+@BACKPROP_WINDOWS.register("last_loops")
+class LastLoops(BackpropWindow):
+    """Backprop through the last k loops only (k=1: HRM one-step gradient; k=8: Huginn).
+
+    The embedding and prelude get no gradient while k < T (see the module docstring)."""
+
+    def __init__(self, k: int = 1):
+        self.k = _check_k("LastLoops", "k", k)
+
+    def first_grad_loop(self, step, n_loops):
+        return max(1, n_loops - self.k + 1)
+
+    def describe(self):
+        return f"LastLoops(k={self.k})"
+
+
+@BACKPROP_WINDOWS.register("ramped_last_loops")
+class RampedLastLoops(BackpropWindow):
+    """Backprop through the last k(step) loops, k ramped linearly (retrofitted recurrence):
+
+        k(step) = floor(k_start + (k_end - k_start) * min(1, step / ramp_steps) + 1/2)
+
+    k_end < k_start (a shrinking window) is allowed. The schedule is a function of the step
+    alone, so there is no state to checkpoint. While k(step) < T the embedding and prelude get no
+    gradient (see the module docstring)."""
+
+    def __init__(self, k_start: int = 1, k_end: int = 8, ramp_steps: int = 1000):
+        self.k_start = _check_k("RampedLastLoops", "k_start", k_start)
+        self.k_end = _check_k("RampedLastLoops", "k_end", k_end)
+        if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
+            raise ValueError(f"RampedLastLoops.ramp_steps={ramp_steps!r} must be an integer >= 1")
+        self.ramp_steps = ramp_steps
+
+    def k(self, step: int) -> int:
+        frac = min(1.0, max(0.0, step / self.ramp_steps))
+        return int(math.floor(self.k_start + (self.k_end - self.k_start) * frac + 0.5))
+
+    def first_grad_loop(self, step, n_loops):
+        return max(1, n_loops - self.k(step) + 1)
+
+    def describe(self):
+        return f"RampedLastLoops(k {self.k_start}->{self.k_end} over {self.ramp_steps} steps)"
