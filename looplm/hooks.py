@@ -111,6 +111,15 @@ class Readouts:
         pairs = [self.ce(t) for t in loops]
         return torch.stack([c for c, _ in pairs], -1), torch.stack([k for _, k in pairs], -1)
 
+    def weighted_ce(self, loops, coeffs):
+        """(ce, correct), each (B, S, len(loops)) and detached, and a zero-valued tensor carrying
+        the gradient of `sum_t sum_i coeffs[..., t] CE_t`: for losses linear in the CE whose
+        coefficients (detached) are known before the read-out; no logits are recomputed."""
+        states = [self.traj.states[t - 1] for t in loops]
+        ces, corrects, carrier = self.model.weighted_token_loss(
+            states, self.batch.targets, [coeffs[..., i] for i in range(len(loops))])
+        return torch.stack(ces, -1), torch.stack(corrects, -1), carrier
+
     def gate_logits(self, upto: int | None = None) -> torch.Tensor:
         """(B, S, upto) gate logits of loops 1..upto."""
         upto = upto or self.n_loops

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from looplm.config import ModelConfig
 from looplm.layers import Layer, RotaryEmbedding, make_norm
-from looplm.readout import linear_cross_entropy
+from looplm.objectives import at_least_float32
+from looplm.readout import linear_cross_entropy, weighted_cross_entropy
 
 
 @dataclass
@@ -153,8 +154,8 @@ class LoopLM(nn.Module):
 
     # -- read-outs --------------------------------------------------------------------------
     def exit_logits(self, gate_input) -> torch.Tensor:
-        """Gate logit per token in float32: lambda_t = sigmoid(logit)."""
-        return self.gate(gate_input).squeeze(-1).float()
+        """Gate logit per token in float32 (at least): lambda_t = sigmoid(logit)."""
+        return at_least_float32(self.gate(gate_input).squeeze(-1))
 
     def logits(self, state) -> torch.Tensor:
         return self.lm_head(state)
@@ -163,6 +164,11 @@ class LoopLM(nn.Module):
         """Per-token cross-entropy and argmax-correctness of one loop, without forming the whole
         logit tensor (see looplm.readout)."""
         return linear_cross_entropy(state, self.lm_head.weight, targets, chunk_size=chunk_size)
+
+    def weighted_token_loss(self, states, targets, coeffs, chunk_size: int | None = None):
+        """Per-loop CE/correctness (detached) and a zero-valued carrier of the gradient of
+        `sum_t sum_i coeffs[t][i] CE_t[i]`, formed in the forward read-out (no recompute)."""
+        return weighted_cross_entropy(states, self.lm_head.weight, targets, coeffs, chunk_size=chunk_size)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

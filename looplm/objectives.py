@@ -8,6 +8,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float32 for bf16/fp16/fp32 inputs; float64 stays float64 (reference tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def log_exit_probs(gate_logits: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
     """log p_t for the loops given in the last dim, out of a total of `n_loops` (default: all).
 
@@ -15,7 +20,7 @@ def log_exit_probs(gate_logits: torch.Tensor, n_loops: int | None = None) -> tor
     the last loop takes the remaining mass, so the T probabilities sum to 1 exactly. Loop t's
     probability needs only gates 1..t, which lets a sampled-step estimator stop at loop t.
     """
-    g = gate_logits.float()
+    g = at_least_float32(gate_logits)
     n = g.shape[-1]
     T = n if n_loops is None else n_loops
     if n > T:
@@ -34,7 +39,7 @@ def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
 
 def exit_cdf(gate_logits: torch.Tensor) -> torch.Tensor:
     """CDF(n) = 1 - prod_{j<=n} (1 - lambda_j) for n < T, and CDF(T) = 1."""
-    cdf = -torch.expm1(torch.cumsum(F.logsigmoid(-gate_logits.float()), dim=-1))
+    cdf = -torch.expm1(torch.cumsum(F.logsigmoid(-at_least_float32(gate_logits)), dim=-1))
     cdf[..., -1] = 1.0
     return cdf
 
@@ -65,7 +70,7 @@ def stage1_loss(ce: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
     """
     T = gate_logits.shape[-1]
     log_p = log_exit_probs(gate_logits)
-    per_token = (log_p.exp() * ce.float()).sum(-1) + beta * prior_terms(log_p, T).sum(-1)
+    per_token = (log_p.exp() * at_least_float32(ce)).sum(-1) + beta * prior_terms(log_p, T).sum(-1)
     return token_mean(per_token, mask), log_p
 
 
@@ -79,10 +84,10 @@ def stage2_loss(ce: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
     T = ce.shape[-1]
     if T < 2:
         raise ValueError("Stage II needs at least 2 loops: the target compares consecutive losses")
-    ce = ce.detach().float()
+    ce = at_least_float32(ce.detach())
     improvement = (ce[..., :-1] - ce[..., 1:]).clamp_min(0)
     w = torch.sigmoid(k * (improvement - gamma))
-    g = gate_logits[..., 1:].float()
+    g = at_least_float32(gate_logits[..., 1:])
     bce = -(w * F.logsigmoid(-g) + (1 - w) * F.logsigmoid(g))  # (B, S, T-1)
     return token_mean(bce.sum(-1), mask) / T
 

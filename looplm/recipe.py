@@ -50,15 +50,32 @@ class UniformPrior(ExitPrior):
 
 @ESTIMATORS.register("exit_weighted")
 class ExitWeighted(LossEstimator):
-    """Ouro Stage I, full unroll: every loop read out, `sum_t p_t CE_t + beta * prior`."""
+    """Ouro Stage I, full unroll: every loop read out, `sum_t p_t CE_t + beta * prior`.
+
+    readout="fused" (default) forms the read-out gradients in the forward pass with the exit
+    probabilities as known coefficients; "recompute" uses the generic autograd read-out, which
+    recomputes the logits in backward (a third more read-out FLOPs; kept for comparison).
+    """
+
+    def __init__(self, readout: str = "fused"):
+        if readout not in ("fused", "recompute"):
+            raise ValueError(f"ExitWeighted.readout={readout!r}; choose 'fused' or 'recompute'")
+        self.readout = readout
 
     def plan(self, n_loops, step, seed):
         return n_loops, tuple(range(1, n_loops + 1)), {}
 
     def loss(self, ro, plan, prior):
-        ce, correct = ro.ce_all()
-        loss, log_p = stage1_loss(ce, ro.gate_logits(), ro.mask, prior.beta, prior.loop_terms)
-        return loss, loop_metrics(ce, correct, ro.mask) | exit_metrics(log_p, ro.mask)
+        gates = ro.gate_logits()
+        if self.readout == "fused" and torch.is_grad_enabled():
+            # d loss / d CE_t,i = p_t,i / n_tokens: known once the gates are, so read out with it
+            p = log_exit_probs(gates).exp().detach()
+            coeffs = p * (ro.mask.to(p.dtype) / ro.mask.sum().clamp_min(1))[..., None]
+            ce, correct, carrier = ro.weighted_ce(plan.readout, coeffs)
+        else:
+            (ce, correct), carrier = ro.ce_all(), 0.0
+        loss, log_p = stage1_loss(ce, gates, ro.mask, prior.beta, prior.loop_terms)
+        return loss + carrier, loop_metrics(ce, correct, ro.mask) | exit_metrics(log_p, ro.mask)
 
 
 @ESTIMATORS.register("stage2_gate")
