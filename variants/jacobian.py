@@ -1,0 +1,206 @@
+"""Jacobian regularisers of the loop map (REGULARIZERS), after STARS (REFERENCE 4).
+
+g(x) = `model.recurrence(x, traj.context)[0]`: one application of the shared stack plus the
+final norm, i.e. the map x_{t-1} -> x_t. Every regulariser here evaluates its Jacobian J at the
+detached final state x = `traj.final_state` (x_T, or x_t for a sampled-step estimator that
+stopped at loop t) with x a fresh leaf: gradients reach the parameters only, never the
+trajectory. Three estimators, each named for what it computes:
+
+    stars_jacobian       PowerIterationJacobian: STARS' term. v ~ N(0, I) over the whole (B, S, d)
+                         tensor, normalised; repeat u = J^T v (a VJP), v = u / ||u||; reg = ||u||^2.
+                         ONE iteration is a one-probe Hutchinson estimate of ||J||_F^2 / n,
+                         n = B*S*d (E[||J^T v||^2] = tr(J J^T) / n for v uniform on the sphere):
+                         a per-entry mean, NOT the Frobenius norm. More iterations iterate J^T
+                         on its own output, which converges to J^T's dominant *eigenvector*:
+                         ||u||^2 then tends to |lambda_max(J)|^2 (when that eigenvalue is real
+                         and simple), which is <= sigma_max(J)^2 and equals it only for a normal
+                         J. (REFERENCE 4 says "approach the squared spectral norm"; that holds for
+                         symmetric J only.) Use spectral_jacobian for sigma_max^2.
+    hutchinson_jacobian  HutchinsonJacobian: the unscaled estimate of ||J||_F^2 = E||J eps||^2
+                         (mode="jvp", forward mode) or E||J^T eps||^2 (mode="vjp"), eps ~ N(0, I),
+                         averaged over `probes`. Its size grows with n = B*S*d: a weight that
+                         suits stars_jacobian is about n times too large here.
+    spectral_jacobian    SpectralJacobian: sigma_max(J)^2 by power iteration on J^T J (each
+                         iteration one JVP and one VJP, without graph), then reg = ||J v||^2 at
+                         the final unit vector v, with graph (the envelope theorem makes that the
+                         gradient of sigma_max^2 once v has converged).
+
+Mixing, after `warmup_steps` (before that the term is neither computed nor added):
+mix=True (STARS, the default of stars_jacobian): loss <- (1 - weight) * loss + weight * reg;
+mix=False: loss <- loss + weight * reg. Mixing scales everything added before it in
+Recipe.regularizers too. Probes are drawn from `step_generator(recipe seed, step, name)`.
+
+Implementation notes: the double backward that the penalty's gradient needs is not implemented
+for PyTorch's fused attention kernels (e.g. `_scaled_dot_product_flash_attention_for_cpu_backward`),
+so g runs under `sdpa_kernel(SDPBackend.MATH)`; for the same reason these regularisers cannot
+run through `torch.compile`d layers (train.compile=True). Each costs extra stack applications
+per step: stars_jacobian 1 forward + `iterations` VJPs, hutchinson `probes` JVPs or VJPs,
+spectral `iterations` JVP+VJP pairs plus one JVP.
+"""
+
+import weakref
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from looplm.hooks import REGULARIZERS, Regularizer, step_generator
+
+
+def loop_map(model, ctx):
+    """x -> g(x): one application of the shared stack and the final norm (the carried state)."""
+
+    def g(x):
+        with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
+            return model.recurrence(x, ctx)[0]
+
+    return g
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return t / t.norm().clamp_min(torch.finfo(t.dtype).tiny)
+
+
+class JacobianRegularizer(Regularizer):
+    """Shared arguments, warm-up, mixing and probe seeding; subclasses implement `estimate`."""
+
+    default_mix = False
+
+    def __init__(self, weight: float = 0.1, warmup_steps: int = 0, mix: bool | None = None):
+        name = type(self).__name__
+        if not weight >= 0:
+            raise ValueError(f"{name}.weight={weight} must be >= 0")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{name}.warmup_steps={warmup_steps!r} must be an integer >= 0")
+        mix = self.default_mix if mix is None else mix
+        if not isinstance(mix, bool):
+            raise ValueError(f"{name}.mix={mix!r} must be True ((1-w) loss + w reg) or False (loss + w reg)")
+        if mix and weight > 1:
+            raise ValueError(f"{name}.weight={weight} must be <= 1 with mix=True (it is a mixing weight)")
+        self.weight, self.warmup_steps, self.mix = float(weight), warmup_steps, mix
+        self._recipe = None
+
+    def validate(self, recipe):
+        if recipe.estimator.trains == "gate":
+            raise ValueError(f"{type(self).__name__} penalises the loop map's Jacobian, but the estimator "
+                             f"{recipe.estimator.describe()} trains only the exit gate, so no parameter of "
+                             "the loop map would learn from it; remove the regularizer")
+        # the trainer sets recipe.seed after the recipe is built, so read it at apply time
+        self._recipe = weakref.ref(recipe)
+
+    def generator(self, step: int) -> torch.Generator:
+        recipe = self._recipe() if self._recipe is not None else None
+        return step_generator(0 if recipe is None else recipe.seed, step, self.registry_name)
+
+    @staticmethod
+    def normal_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """N(0, I) of x's shape, drawn on the CPU (same values on any device), in x's dtype."""
+        return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+
+    def estimate(self, g, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The scalar penalty at x (a detached leaf), differentiable w.r.t. the parameters."""
+        raise NotImplementedError
+
+    def apply(self, loss, model, traj, batch, step):
+        if step < self.warmup_steps or self.weight == 0:
+            return loss, {}
+        if traj.final_state is None or traj.context is None:
+            raise RuntimeError(f"{type(self).__name__} needs traj.final_state and traj.context")
+        x = traj.final_state.detach().requires_grad_()
+        reg = self.estimate(loop_map(model, traj.context), x, self.generator(step))
+        reg = reg.to(loss.dtype)
+        loss = (1 - self.weight) * loss + self.weight * reg if self.mix else loss + self.weight * reg
+        return loss, {self.registry_name: float(reg.detach())}
+
+    def describe(self):
+        return f"{type(self).__name__}(weight={self.weight}, warmup_steps={self.warmup_steps}, mix={self.mix})"
+
+
+@REGULARIZERS.register("stars_jacobian")
+class PowerIterationJacobian(JacobianRegularizer):
+    """STARS: `iterations` rounds of v <- J^T v / ||J^T v|| from a random unit v; reg = ||J^T v||^2
+    of the last round. One iteration: a one-probe Hutchinson estimate of ||J||_F^2 / n; more:
+    towards |lambda_max(J)|^2, not sigma_max^2 (module docstring). Only the last VJP keeps a
+    graph (create_graph=True); v is detached between rounds."""
+
+    default_mix = True
+
+    def __init__(self, weight: float = 0.1, warmup_steps: int = 0, iterations: int = 1, mix: bool = True):
+        super().__init__(weight, warmup_steps, mix)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"PowerIterationJacobian.iterations={iterations!r} must be an integer >= 1")
+        self.iterations = iterations
+
+    def estimate(self, g, x, generator):
+        y = g(x)
+        v = _unit(self.normal_like(x, generator))
+        for i in range(self.iterations):
+            last = i == self.iterations - 1
+            (u,) = torch.autograd.grad(y, x, v, create_graph=last, retain_graph=True)
+            if not last:
+                v = _unit(u.detach())
+        return u.pow(2).sum()
+
+
+@REGULARIZERS.register("hutchinson_jacobian")
+class HutchinsonJacobian(JacobianRegularizer):
+    """Unscaled Hutchinson estimate of ||J||_F^2: mean over `probes` eps ~ N(0, I) of ||J eps||^2
+    (mode="jvp", torch.func.jvp) or ||J^T eps||^2 (mode="vjp", torch.func.vjp); both are unbiased,
+    with variance 2 ||J^T J||_F^2 / probes (resp. 2 ||J J^T||_F^2 / probes)."""
+
+    MODES = ("jvp", "vjp")
+
+    def __init__(self, weight: float = 0.1, probes: int = 1, mode: str = "jvp", warmup_steps: int = 0,
+                 mix: bool = False):
+        super().__init__(weight, warmup_steps, mix)
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"HutchinsonJacobian.probes={probes!r} must be an integer >= 1")
+        if mode not in self.MODES:
+            raise ValueError(f"HutchinsonJacobian.mode={mode!r}; choose 'jvp' (||J eps||^2, forward mode) "
+                             "or 'vjp' (||J^T eps||^2, reverse mode)")
+        self.probes, self.mode = probes, mode
+
+    def probe_values(self, g, x, generator, probes: int | None = None) -> torch.Tensor:
+        """||J eps_i||^2 (or ||J^T eps_i||^2) for each probe: (probes,), differentiable. The probes
+        run as one batch through torch.func.vmap (memory grows with their number)."""
+        x = x.detach()
+        eps = torch.stack([self.normal_like(x, generator) for _ in range(probes or self.probes)])
+        if self.mode == "jvp":
+            out = torch.func.vmap(lambda e: torch.func.jvp(g, (x,), (e,))[1])(eps)
+        else:
+            _, vjp_fn = torch.func.vjp(g, x)
+            out = torch.func.vmap(lambda e: vjp_fn(e)[0])(eps)
+        return out.pow(2).flatten(1).sum(1)
+
+    def estimate(self, g, x, generator):
+        return self.probe_values(g, x, generator).mean()
+
+    def describe(self):
+        return f"HutchinsonJacobian(weight={self.weight}, probes={self.probes}, mode={self.mode!r})"
+
+
+@REGULARIZERS.register("spectral_jacobian")
+class SpectralJacobian(JacobianRegularizer):
+    """sigma_max(J)^2 by `iterations` rounds of power iteration on J^T J (v <- J^T J v / ||.||,
+    no graph), then reg = ||J v||^2 with graph. With iterations=0 it would be a one-probe
+    ||J||_F^2 / n estimate; it converges at rate (sigma_2 / sigma_1)^(4k)."""
+
+    def __init__(self, weight: float = 0.1, iterations: int = 5, warmup_steps: int = 0, mix: bool = False):
+        super().__init__(weight, warmup_steps, mix)
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"SpectralJacobian.iterations={iterations!r} must be an integer >= 1")
+        self.iterations = iterations
+
+    def estimate(self, g, x, generator):
+        x = x.detach()
+        v = _unit(self.normal_like(x, generator))
+        with torch.no_grad():  # the parameters need no graph while v converges
+            _, vjp_fn = torch.func.vjp(g, x)
+            for _ in range(self.iterations):
+                _, jv = torch.func.jvp(g, (x,), (v,))
+                (u,) = vjp_fn(jv)
+                v = _unit(u)
+        _, jv = torch.func.jvp(g, (x,), (v.detach(),))
+        return jv.pow(2).sum()
+
+    def describe(self):
+        return f"SpectralJacobian(weight={self.weight}, iterations={self.iterations})"
