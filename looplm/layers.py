@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, or float64 for float64 input
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
@@ -50,12 +50,18 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos and sin of shape (S, head_dim) for integer positions (S,)."""
-        freqs = torch.outer(positions.float(), self.inv_freq)
+        """cos and sin of shape (S, head_dim) for integer positions (S,).
+
+        The angles are computed here in float32 (float64 for a float64 model), not kept in a
+        buffer: `model.to(torch.bfloat16)` would round a buffer's frequencies to bf16 and put the
+        rotation angles off by radians at positions in the thousands."""
+        work = torch.promote_types(dtype, torch.float32)
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=work) / self.head_dim
+        inv_freq = 1.0 / self.base ** exponents
+        freqs = torch.outer(positions.to(work), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

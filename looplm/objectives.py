@@ -26,7 +26,10 @@ def log_exit_probs(gate_logits: torch.Tensor, n_loops: int | None = None) -> tor
     if n > T:
         raise ValueError(f"got gate logits for {n} loops but n_loops={T}")
     log_exit, log_stay = F.logsigmoid(g), F.logsigmoid(-g)
-    survive_before = torch.cumsum(log_stay, dim=-1) - log_stay  # sum_{j<t} log(1 - lambda_j)
+    # sum_{j<t} log(1 - lambda_j) as an exclusive cumulative sum: subtracting log_stay back out of
+    # an inclusive one loses the small terms next to a saturated gate (g = 1e4: 1e-4 of the mass)
+    survive_before = torch.cat([torch.zeros_like(log_stay[..., :1]),
+                                torch.cumsum(log_stay[..., :-1], dim=-1)], dim=-1)
     log_p = log_exit + survive_before
     if n == T:
         log_p = torch.cat([log_p[..., :-1], survive_before[..., -1:]], dim=-1)

@@ -23,11 +23,6 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Logits, log-sum-exp and loss in float32, or float64 for a float64 model."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax statistics in float32 at least (float64 stays float64, for reference tests)."""
     return torch.promote_types(dtype, torch.float32)
 
