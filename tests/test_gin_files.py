@@ -1,0 +1,54 @@
+"""Every gin file in gin/ parses, builds and trains a few steps through the command line."""
+
+from pathlib import Path
+
+import gin
+import pytest
+
+from looplm import checkpoint
+from looplm.run import main
+
+GIN_FILES = sorted(p.name for p in (Path(__file__).parent.parent / "gin").glob("*.gin"))
+SMALL = ["TRAIN_STEPS = 3", "train.eval_every = 3", "train.progress = False", "Tracker.enabled = False",
+         "AdditionTask.n_eval = 16", "train.eval_batch_size = 16", "train.batch_size = 8",
+         "model_config.d_model = 32", "model_config.n_layers = 1", "model_config.d_ff = 64"]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stage1")
+    gin.clear_config()
+    assert _run("full_unroll.gin", run_dir) == 0
+    return run_dir
+
+
+def _run(name, run_dir, *extra):
+    binds = [*SMALL, f'train.run_dir = "{run_dir}"', *extra]
+    args = ["--gin", f"gin/{name}"]
+    for b in binds:
+        args += ["--bind", b]
+    return main(args)
+
+
+def test_the_gin_folder_holds_every_promised_config():
+    promised = {"base.gin", "full_unroll.gin", "truncated.gin", "sampled_step.gin", "random_loops.gin",
+                "jacobian.gin", "prior_uniform.gin", "prior_geometric.gin", "stage2_gate.gin",
+                "stars.gin", "huginn.gin"}
+    assert promised <= set(GIN_FILES)
+
+
+@pytest.mark.parametrize("name", GIN_FILES)
+def test_gin_file_trains_a_few_steps(name, tmp_path, stage1_run):
+    extra = {"stage2_gate.gin": [f'train.init_from = "{stage1_run}"'],
+             "jacobian.gin": ["PowerIterationJacobian.warmup_steps = 0"],  # reach the regulariser
+             "stars.gin": ["PowerIterationJacobian.warmup_steps = 0"]}.get(name, [])
+    assert _run(name, tmp_path, *extra) == 0
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 3
+    assert (tmp_path / "config.gin").exists()
