@@ -181,8 +181,9 @@ class HutchinsonJacobian(JacobianRegularizer):
 @REGULARIZERS.register("spectral_jacobian")
 class SpectralJacobian(JacobianRegularizer):
     """sigma_max(J)^2 by `iterations` rounds of power iteration on J^T J (v <- J^T J v / ||.||,
-    no graph), then reg = ||J v||^2 with graph. With iterations=0 it would be a one-probe
-    ||J||_F^2 / n estimate; it converges at rate (sigma_2 / sigma_1)^(4k)."""
+    no graph), then reg = ||J v||^2 with graph. The start v is a random unit vector (at which
+    ||J v||^2 would be a one-probe ||J||_F^2 / n estimate); the Rayleigh quotient then converges
+    to sigma_max^2 like (sigma_2 / sigma_1)^(4k) after k iterations."""
 
     def __init__(self, weight: float = 0.1, iterations: int = 5, warmup_steps: int = 0, mix: bool = False):
         super().__init__(weight, warmup_steps, mix)
