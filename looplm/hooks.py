@@ -140,6 +140,7 @@ class LossEstimator(Plugin):
 
 
 class Regularizer(Plugin):
-    def apply(self, loss: torch.Tensor, model, traj, batch, step: int) -> tuple[torch.Tensor, dict]:
-        """Return the loss with this term added (or mixed in) and metrics about the term."""
+    def apply(self, loss: torch.Tensor, model, traj, batch, step: int, seed: int) -> tuple[torch.Tensor, dict]:
+        """Return the loss with this term added (or mixed in) and metrics about the term; random
+        probes come from `step_generator(seed, step, name)`."""
         raise NotImplementedError

@@ -167,7 +167,7 @@ class Recipe:
                      first_grad_loop=plan.first_grad_loop, keep=plan.readout)
         loss, metrics = self.estimator.loss(Readouts(model, traj, batch, plan.n_loops), plan, self.prior)
         for reg in self.regularizers:
-            loss, reg_metrics = reg.apply(loss, model, traj, batch, step)
+            loss, reg_metrics = reg.apply(loss, model, traj, batch, step, self.seed)
             metrics |= reg_metrics
         metrics["n_loops"] = plan.n_loops
         return loss, metrics

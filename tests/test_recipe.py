@@ -27,7 +27,7 @@ class ZeroPrior(ExitPrior):
 
 
 class AddConstant(Regularizer):
-    def apply(self, loss, model, traj, batch, step):
+    def apply(self, loss, model, traj, batch, step, seed):
         return loss + 1.0, {"const": 1.0}
 
 

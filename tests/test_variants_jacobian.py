@@ -125,7 +125,7 @@ def test_regularizer_gradient_reaches_parameters_only(reg):
     # the term alone: x is detached, so only the stack (and final norm) receive its gradient
     traj = model(b.input_ids, n_loops=2)
     x = traj.final_state.detach().requires_grad_()
-    term = reg.estimate(loop_map(model, traj.context), x, reg.generator(0))
+    term = reg.estimate(loop_map(model, traj.context), x, step_generator(0, 0, reg.registry_name))
     model.zero_grad(set_to_none=True)
     term.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers.parameters())

@@ -38,7 +38,6 @@ per step: stars_jacobian 1 forward + `iterations` VJPs, hutchinson `probes` JVPs
 spectral `iterations` JVP+VJP pairs plus one JVP.
 """
 
-import weakref
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -77,19 +76,12 @@ class JacobianRegularizer(Regularizer):
         if mix and weight > 1:
             raise ValueError(f"{name}.weight={weight} must be <= 1 with mix=True (it is a mixing weight)")
         self.weight, self.warmup_steps, self.mix = float(weight), warmup_steps, mix
-        self._recipe = None
 
     def validate(self, recipe):
         if recipe.estimator.trains == "gate":
             raise ValueError(f"{type(self).__name__} penalises the loop map's Jacobian, but the estimator "
                              f"{recipe.estimator.describe()} trains only the exit gate, so no parameter of "
                              "the loop map would learn from it; remove the regularizer")
-        # the trainer sets recipe.seed after the recipe is built, so read it at apply time
-        self._recipe = weakref.ref(recipe)
-
-    def generator(self, step: int) -> torch.Generator:
-        recipe = self._recipe() if self._recipe is not None else None
-        return step_generator(0 if recipe is None else recipe.seed, step, self.registry_name)
 
     @staticmethod
     def normal_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -100,13 +92,14 @@ class JacobianRegularizer(Regularizer):
         """The scalar penalty at x (a detached leaf), differentiable w.r.t. the parameters."""
         raise NotImplementedError
 
-    def apply(self, loss, model, traj, batch, step):
+    def apply(self, loss, model, traj, batch, step, seed):
         if step < self.warmup_steps or self.weight == 0:
             return loss, {}
         if traj.final_state is None or traj.context is None:
             raise RuntimeError(f"{type(self).__name__} needs traj.final_state and traj.context")
         x = traj.final_state.detach().requires_grad_()
-        reg = self.estimate(loop_map(model, traj.context), x, self.generator(step))
+        reg = self.estimate(loop_map(model, traj.context), x,
+                            step_generator(seed, step, self.registry_name))
         reg = reg.to(loss.dtype)
         loss = (1 - self.weight) * loss + self.weight * reg if self.mix else loss + self.weight * reg
         return loss, {self.registry_name: float(reg.detach())}

@@ -49,7 +49,7 @@ class L2Limit(Regularizer):
                                  f"{est.describe()} keeps only loops {tuple(readout)} of {run} (T={n_loops}); "
                                  "use an estimator that keeps them (exit_weighted, sampled_step)")
 
-    def apply(self, loss, model, traj, batch, step):
+    def apply(self, loss, model, traj, batch, step, seed):
         if model.cfg.n_coda or not model.cfg.carry_normed:
             raise ValueError("L2Limit reads x_T and x_{T-1} from traj.states, which are the carried states "
                              f"only with carry_normed=True and no coda (got carry_normed="
