@@ -99,6 +99,16 @@ def test_addition_rows_are_exactly_the_reversed_sum_with_answer_only_loss(n_digi
     assert lengths == {n_digits, n_digits + 1}  # both answer lengths occur, so padding is exercised
 
 
+def test_addition_reverse_operands_writes_every_number_least_significant_first():
+    plain, reversed_ = AdditionTask(n_eval=10), AdditionTask(n_eval=10, reverse_operands=True)
+    a_rows, b_rows = plain.train_batch(7, 64), reversed_.train_batch(7, 64)
+    assert torch.equal(a_rows.targets, b_rows.targets)  # same pairs, same answers
+    for plain_row, reversed_row in zip(a_rows.input_ids, b_rows.input_ids):
+        a, b, answer, tail = re.fullmatch(r"(\d+)\+(\d+)= (\d+)(.*)", plain.decode(plain_row)).groups()
+        assert reversed_.decode(reversed_row) == f"{a[::-1]}+{b[::-1]}= {answer}{tail}"
+        assert int(answer[::-1]) == int(a) + int(b)
+
+
 @pytest.mark.parametrize("n_digits, n_eval, batches", [(4, 1000, 200), (2, 2047, 100)])
 def test_addition_never_trains_on_held_out_pairs(n_digits, n_eval, batches):
     # With 2 digits half of all unordered pairs are held out, so a leak would show at once.
