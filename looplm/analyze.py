@@ -20,9 +20,10 @@ re-submitted sweep in the same folder) counts once: the run that got furthest, t
 
 import argparse
 import csv
+import json
 import math
-import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class RunResult:
 
     run_hash: str
     task: str
+    task_id: int  # in the sweep's declaration order (the order of the table without --expect-tasks)
     point: str
     seed: int
     run_dir: str
@@ -68,13 +70,26 @@ def _is_remote(repo: str) -> bool:
     return str(repo).startswith("aim://")
 
 
-def open_aim(repo: str):
-    """The repo, with every finished run indexed (looplm.tracking.open_repo); an Aim server
-    indexes its own runs."""
+def open_aim(repo: str, wait_s: float = 180.0):
+    """The repo, with every finished run indexed (looplm.tracking.open_repo). Through an Aim
+    server (aim://) the index is the one `aim up` keeps on the server's host, lazily: wait until
+    every run the server lists shows in it, or wait_s."""
     if _is_remote(repo):
         import aim
 
-        return aim.Repo.from_path(repo)
+        remote = aim.Repo.from_path(repo)
+        deadline = time.monotonic() + wait_s
+        while True:
+            unindexed = set(remote.list_all_runs()) - {run.hash for run in remote.iter_runs()}
+            if not unindexed or time.monotonic() > deadline:
+                break
+            print(f"waiting for the Aim server's index: {len(unindexed)} run(s) not in it yet "
+                  "(`aim up` must run on the server's repo)", flush=True)
+            time.sleep(5)
+        if unindexed:
+            print(f"warning: {len(unindexed)} run(s) still not indexed after {wait_s:.0f}s: "
+                  f"{sorted(unindexed)}", flush=True)
+        return remote
     if not Path(repo, ".aim").is_dir():
         raise FileNotFoundError(f"no Aim repo at {repo!r}")
     from looplm.tracking import open_repo
@@ -85,8 +100,6 @@ def open_aim(repo: str):
 def _wall_time(run, run_dir: str) -> float:
     path = Path(run_dir, "wall_time.json") if run_dir else None
     if path is not None and path.exists():
-        import json
-
         return float(json.loads(path.read_text())["seconds"])
     duration = run.duration
     return float(duration) if duration is not None else math.nan
@@ -94,7 +107,7 @@ def _wall_time(run, run_dir: str) -> float:
 
 def read_run(run) -> RunResult:
     hp = run["hparams"]
-    result = RunResult(run_hash=run.hash, task=str(hp.get("task", run.hash)),
+    result = RunResult(run_hash=run.hash, task=str(hp.get("task", run.hash)), task_id=int(hp.get("task_id", 0)),
                        point=str(hp.get("grid_point", "all")), seed=int(hp.get("seed", 0)),
                        run_dir=str(hp.get("run_dir", "")), steps=int(hp.get("steps", 0)),
                        n_loops=int(hp.get("model", {}).get("n_loops", 0)), created=float(run.creation_time))
@@ -125,7 +138,9 @@ def read_run(run) -> RunResult:
 
 
 def read_experiment(repo, experiment: str) -> list[RunResult]:
-    return [read_run(run) for run in repo.iter_runs() if run.experiment == experiment]
+    """The experiment's runs in task order (Aim lists runs in no particular order)."""
+    runs = [read_run(run) for run in repo.iter_runs() if run.experiment == experiment]
+    return sorted(runs, key=lambda r: (r.task_id, r.task, r.created))
 
 
 def dedupe(results: list[RunResult]) -> tuple[list[RunResult], list[RunResult]]:
@@ -134,7 +149,7 @@ def dedupe(results: list[RunResult]) -> tuple[list[RunResult], list[RunResult]]:
     for r in sorted(results, key=lambda r: (r.problem is None, r.last_step, r.created)):
         best[r.run_dir or r.run_hash] = r
     kept = set(map(id, best.values()))
-    return list(best.values()), [r for r in results if id(r) not in kept]
+    return [r for r in results if id(r) in kept], [r for r in results if id(r) not in kept]
 
 
 @dataclass
@@ -310,8 +325,6 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_loss_curves(groups: list[Group], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     facets = _facets([g for g in groups if g.runs])
     fig, axes, cols = _figure(max(len(facets), 1))
     longest = max((len(r.loss) for g in groups for r in g.runs), default=0)
@@ -331,7 +344,7 @@ def plot_loss_curves(groups: list[Group], path: Path) -> None:
             all_values.append(curves)
         ax.set_title(panel or "train loss", fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylabel("train loss")
+        ax.set_ylabel("train loss (objective)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     values = np.concatenate([c.ravel() for c in all_values]) if all_values else np.ones(1)
@@ -339,7 +352,8 @@ def plot_loss_curves(groups: list[Group], path: Path) -> None:
         for ax in axes.ravel():
             ax.set_yscale("log")
     smoothing = f"moving average over {window} steps" if window > 1 else "per step"
-    _finish(fig, axes, len(facets), f"train loss ({smoothing}); band: mean ± std over seeds", path)
+    _finish(fig, axes, len(facets), f"train loss: the objective, prior term included ({smoothing}); "
+                                    "band: mean ± std over seeds", path)
 
 
 def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
@@ -369,12 +383,7 @@ def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
     for extra in range(len(facets), panel_rows * cols):
         for row in range(2):
             axes[row * panel_rows + extra // cols][extra % cols].axis("off")
-    fig.suptitle("held-out accuracy vs loop count (★ trained T); band: ± std over seeds", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _finish(fig, axes, axes.size, "held-out accuracy vs loop count (★ trained T); band: ± std over seeds", path)
 
 
 def plot_exit_distribution(groups: list[Group], path: Path) -> None:
