@@ -11,14 +11,20 @@
 #   forwards the signal to the trainer, which finishes its step, writes a checkpoint, closes its Aim
 #   run and exits 3; the script then requeues the task (scontrol requeue). Started again, the task
 #   resumes from the checkpoint into the same Aim run. A trainer that exits 3 on its own (it got
-#   SIGTERM directly) is requeued the same way; a trainer killed by the signal before it had
-#   installed its handler (still starting up) is requeued too and resumes from its last checkpoint.
-# - Exit codes: 0 done, 2 config error (not requeued), anything else the trainer's failure.
+#   SIGTERM directly) is requeued the same way; so is any other exit after the signal but a config
+#   error (a launcher such as torchrun exits 1 once its worker has checkpointed; a trainer still
+#   starting up dies of the signal): the task resumes from its last checkpoint.
+# - Exit codes: 0 done, 2 config error (never requeued), anything else the trainer's failure.
 #
 # Environment: LOOPLM_ROOT (repository, default $SLURM_SUBMIT_DIR), LOOPLM_PYTHON (default python),
 # LOOPLM_LAUNCHER (a command prefix, e.g. the `srun ... torchrun ...` of a multi-GPU task; see the
-# .slurm files), LOOPLM_FORWARD_SIGNAL (the signal the trainer gets, default USR1; TERM for
-# torchrun, which handles TERM but not USR1), and the LOOPLM_SWEEP_* overrides of looplm/sweep.py.
+# .slurm files), LOOPLM_FORWARD_SIGNAL (the signal sent on, default USR1; TERM for a launcher that
+# does not pass USR1 on: the trainer checkpoints on either), and the LOOPLM_SWEEP_* overrides of
+# looplm/sweep.py.
+
+# The whole script is one { ... } block, so bash reads all of it before running any: editing this
+# file while a sweep runs cannot change what running tasks execute (bash reads scripts lazily).
+{
 set -uo pipefail
 
 sweep=${1:?usage: task.sh SWEEP_FILE (from a sweeps/*.slurm array job)}
@@ -87,8 +93,11 @@ if ((rc == 0)); then
     exit 0
 elif ((rc == PREEMPTED)); then
     requeue "the trainer checkpointed and exited $PREEMPTED${signaled:+ after SIG$signaled}"
-elif [[ -n $signaled ]] && ((rc > 128)); then
-    requeue "the trainer was killed by SIG$(kill -l "$rc") while starting; it resumes from its last checkpoint"
+elif [[ -n $signaled ]] && ((rc != 2)); then
+    # A launcher reports its own code (torchrun exits 1 after forwarding the signal), and a trainer
+    # still starting up dies of the signal (128 + signal): either way the last checkpoint resumes.
+    requeue "exit code $rc after SIG$signaled; the task resumes from its last checkpoint"
 fi
 log "the trainer failed with exit code $rc"
 exit "$rc"
+}
