@@ -1,0 +1,295 @@
+"""Sweeps without Slurm: the grid and its task ids, the shipped declarations and .slurm files, the
+CLI, tiny local tasks writing into one Aim repo at the same time, resume into the same Aim run,
+and the collected table and plots with missing tasks reported by name."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from looplm import sweep as sw
+from looplm.sweep import Bundle, Sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "sweeps").glob("*.py"))
+PRIOR = ROOT / "sweeps" / "prior_ablation.py"
+
+STEPS, EVAL_EVERY = 6, 3
+TINY = (f"TRAIN_STEPS = {STEPS}; AdditionTask.n_eval = 32; model_config.d_model = 32; "
+        f"model_config.n_layers = 1; model_config.d_ff = 64; train.batch_size = 16; "
+        f"train.eval_every = {EVAL_EVERY}")
+
+
+def tiny_env(tmp: Path, **extra) -> dict:
+    """The environment of a tiny sweep writing under tmp: 2 priors x 3 seeds of prior_ablation."""
+    return {**os.environ, "LOOPLM_SWEEP_DIR": str(tmp / "sweep"), "LOOPLM_AIM_REPO": str(tmp / "aim"),
+            "LOOPLM_SWEEP_GRID": "prior=uniform,geometric_0.5;beta=0.1", "LOOPLM_SWEEP_SEEDS": "0,1,2",
+            "LOOPLM_SWEEP_BIND": TINY, "OMP_NUM_THREADS": "1", **extra}
+
+
+def cli(module: str, *args, env=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# ------------------------------------------------------------------------------ grid and task ids
+
+def example() -> Sweep:
+    return Sweep(name="demo", base=["gin/full_unroll.gin"], bind=["import variants.priors"],
+                 grid={"prior": {"uniform": "Recipe.prior = @UniformPrior()",
+                                 "geometric": Bundle(gin=["gin/prior_geometric.gin"],
+                                                     bind=["GeometricPrior.lambda_p = 0.3"])},
+                       "UniformPrior.beta": [0.01, 0.1, 1]},
+                 seeds=[5, 7])
+
+
+def test_grid_expands_in_declaration_order_with_seeds_innermost():
+    tasks = example().tasks()
+    assert len(tasks) == 2 * 3 * 2
+    assert [t.id for t in tasks] == list(range(12))
+    # task i = point i // len(seeds), seed seeds[i % len(seeds)]; the last axis varies fastest
+    assert [(t.point, t.seed) for t in tasks[:4]] == [
+        ("prior=uniform,beta=0.01", 5), ("prior=uniform,beta=0.01", 7),
+        ("prior=uniform,beta=0.1", 5), ("prior=uniform,beta=0.1", 7)]
+    t = tasks[9]
+    assert (t.name, t.point, t.seed) == ("prior=geometric,beta=0.1,seed=7", "prior=geometric,beta=0.1", 7)
+    assert t.gin == ("gin/prior_geometric.gin",)
+    assert t.bind == ("GeometricPrior.lambda_p = 0.3", "UniformPrior.beta = 0.1")
+    assert t.grid == {"prior": "geometric", "UniformPrior.beta": 0.1}  # scalars stay numbers
+    assert tasks[0].bind == ("Recipe.prior = @UniformPrior()", "UniformPrior.beta = 0.01")
+
+
+def test_selection_keeps_names_and_renumbers_ids():
+    full = {t.name: t for t in example().tasks()}
+    small = example().select("prior=geometric; beta=1 0.01")  # short axis name, space-separated
+    tasks = small.tasks()
+    assert [t.name for t in tasks] == ["prior=geometric,beta=1,seed=5", "prior=geometric,beta=1,seed=7",
+                                       "prior=geometric,beta=0.01,seed=5", "prior=geometric,beta=0.01,seed=7"]
+    assert [t.id for t in tasks] == [0, 1, 2, 3]
+    for t in tasks:  # same run directory and settings as in the full grid: a task resumes its own run
+        assert (t.gin, t.bind, t.grid) == (full[t.name].gin, full[t.name].bind, full[t.name].grid)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"grid": {"beta": [0.1, 0.2]}}, "must be a gin parameter"),
+    ({"grid": {"prior": {"a b": "x.y = 1"}}}, "labels"),
+    ({"grid": {"A.beta": [1], "B.beta": [2]}}, "short name"),
+    ({"seeds": [1, 1]}, "each once"),
+    ({"name": "bad name"}, "Sweep.name"),
+])
+def test_declaration_errors_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sweep(**{"name": "demo", "base": ["gin/base.gin"], **kwargs})
+
+
+@pytest.mark.parametrize("spec, message", [("nope=1", "no axis 'nope'"), ("beta=3", "no value")])
+def test_bad_selection_lists_the_choices(spec, message):
+    with pytest.raises(ValueError, match=message):
+        example().select(spec)
+
+
+def test_environment_overrides(tmp_path):
+    env = {"LOOPLM_SWEEP_GRID": "prior=uniform;beta=0.1", "LOOPLM_SWEEP_SEEDS": "3 4",
+           "LOOPLM_SWEEP_BIND": "train.steps = 6;\ntrain.eval_every = 3",
+           "LOOPLM_SWEEP_DIR": str(tmp_path / "out"), "LOOPLM_AIM_REPO": "aim://host:53800"}
+    sweep = sw.load(PRIOR, env)
+    tasks = sweep.tasks()
+    assert [t.name for t in tasks] == ["prior=uniform,beta=0.1,seed=3", "prior=uniform,beta=0.1,seed=4"]
+    where = sw.paths(sweep, env)
+    assert where.run_dir(tasks[1]) == tmp_path / "out" / "prior=uniform,beta=0.1,seed=4"
+    assert where.repo == "aim://host:53800" and where.remote
+    argv = sw.run_argv(sweep, tasks[1], where)
+    binds = argv[1::2][argv[0::2].index("--bind"):]
+    # the sweep's bindings, the grid point's, the overrides, then what the sweep sets itself
+    assert binds[:6] == ["import variants.priors", "Recipe.prior = @UniformPrior()", "UniformPrior.beta = 0.1",
+                         "GeometricPrior.beta = 0.1", "train.steps = 6", "train.eval_every = 3"]
+    assert f'train.run_dir = "{tmp_path}/out/prior=uniform,beta=0.1,seed=4"' in binds
+    assert 'Tracker.experiment = "prior_ablation"' in binds and "train.seed = 4" in binds
+    assert argv[0] == "--gin" and (ROOT / argv[1]).resolve() == ROOT / "gin" / "full_unroll.gin"
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_every_task_of_the_shipped_sweeps_is_a_valid_gin_config(path):
+    """Every task's gin files and bindings parse (files exist, configurables and parameters are
+    known); the hparams literal comes back as the dict the sweep wrote."""
+    code = f"""
+import gin, sys
+from looplm import sweep as sw
+from looplm.run import parse_config
+from looplm.train import train
+s = sw.load({str(path)!r}, {{}})
+where = sw.paths(s, {{}})
+for task in s.tasks():
+    argv = sw.run_argv(s, task, where)
+    gin.clear_config()
+    parse_config(argv[1::2][:argv.count("--gin")], argv[1::2][argv.count("--gin"):])
+    hparams = gin.query_parameter("train.hparams")
+    assert hparams["task"] == task.name and hparams["grid"] == task.grid, hparams
+    assert gin.query_parameter("train.seed") == task.seed
+print(len(s.tasks()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == len(sw.load(path, {}).tasks())
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_slurm_script_matches_its_declaration(path):
+    script = path.with_suffix(".slurm").read_text()
+    sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S*))?", script, re.MULTILINE))
+    sweep = sw.load(path, {})
+    assert sbatch["array"] == f"0-{len(sweep.tasks()) - 1}", "the --array line must cover the grid"
+    assert sbatch["job-name"] == sweep.name
+    assert "%A_%a" in sbatch["output"] and sbatch["open-mode"] == "append"
+    assert "requeue" in sbatch and re.fullmatch(r"B:USR1@\d+", sbatch["signal"])
+    assert sbatch["time"] and sbatch["cpus-per-task"]
+    assert re.search(rf'^exec bash .*/sweeps/task\.sh" sweeps/{path.name}$', script, re.MULTILINE)
+    assert "srun" in script and "torchrun" in script  # the multi-GPU shape, commented
+    assert (ROOT / Path(sbatch["output"]).parent).is_dir(), "Slurm does not create the log folder"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_count_list_and_print():
+    assert cli("looplm.sweep", "count", PRIOR).stdout.strip() == "54"
+    env = {**os.environ, "LOOPLM_SWEEP_GRID": "prior=geometric_0.9", "LOOPLM_SWEEP_SEEDS": "0"}
+    assert cli("looplm.sweep", "count", PRIOR, env=env).stdout.strip() == "3"
+    listing = cli("looplm.sweep", "list", PRIOR, env=env).stdout
+    assert "prior=geometric_0.9,beta=0.05,seed=0" in listing and "GeometricPrior.lambda_p = 0.9" in listing
+    line = cli("looplm.sweep", "run", PRIOR, "--task", 1, "--print", env=env).stdout
+    assert line.startswith("python -m looplm.run --gin ") and "beta=0.05,seed=0" in line
+    bad = cli("looplm.sweep", "run", PRIOR, "--task", 3, env=env, check=False)
+    assert bad.returncode == 2 and "tasks 0-2" in bad.stderr
+
+
+# ------------------------------------------------------------------- tiny tasks, Aim and collect
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory):
+    """Tasks 0, 1, 3, 4 of a 6-task sweep (2 priors x seeds 0, 1, 2), all four at once into one
+    Aim repo; tasks 2 and 5 (seed 2) never run."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    env = tiny_env(tmp)
+    procs = [subprocess.Popen([sys.executable, "-m", "looplm.sweep", "run", str(PRIOR), "--task", str(i)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1, 3, 4)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out
+    return tmp, env
+
+
+def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
+    from looplm.tracking import open_repo
+
+    tmp, env = local_sweep
+    tasks = {t.name: t for t in sw.load(PRIOR, env).tasks()}
+    runs = [r for r in open_repo(str(tmp / "aim")).iter_runs() if r.experiment == "prior_ablation"]
+    names = sorted(r["hparams"]["task"] for r in runs)
+    assert names == sorted(tasks[n].name for n in tasks if not n.endswith("seed=2"))
+    for run in runs:
+        hp = run["hparams"]
+        task = tasks[hp["task"]]
+        assert (hp["grid_point"], hp["grid"], hp["seed"]) == (task.point, task.grid, task.seed)
+        assert "Recipe.prior = @" in hp["gin"] and f"train.seed = {task.seed}" in hp["gin"]
+        series = {}
+        for m in run.metrics():
+            if not m.name.startswith("__system__"):  # Aim's own resource sampling
+                ctx = m.context.to_dict()
+                series[m.name, ctx["subset"], ctx.get("loop")] = m.data.view("val").numpy()[0].tolist()
+        T, train_steps, eval_steps = 4, list(range(STEPS)), list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+        expected = {(name, "train", None) for name in ("loss", "grad_norm", "lr", "tokens_per_s", "n_loops",
+                                                       "exit_mean", "entropy")}
+        expected |= {(name, "train", t) for name in ("ce", "acc", "exit_p") for t in range(1, T + 1)}
+        expected |= {(name, "eval", t) for name in ("ce", "acc", "exact_match") for t in range(1, 2 * T + 1)}
+        expected |= {("exit_p", "eval", t) for t in range(1, T + 1)}
+        expected |= {("exit_mean", "eval", None), ("entropy", "eval", None)}
+        assert set(series) == expected
+        for (name, subset, loop), steps in series.items():
+            assert steps == (train_steps if subset == "train" else eval_steps), (name, subset, loop)
+
+
+def test_collect_reports_missing_tasks_by_name_and_writes_the_rest(local_sweep):
+    tmp, env = local_sweep
+    proc = cli("looplm.sweep", "collect", PRIOR, env=env, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    for missing in ("prior=uniform,beta=0.1,seed=2", "prior=geometric_0.5,beta=0.1,seed=2"):
+        assert f"{missing}: missing: no Aim run" in out
+    results = tmp / "sweep" / "results"
+    header, *rows = csv.reader((results / "table.csv").open())
+    assert header[:6] == ["grid_point", "n_seeds", "n_expected", "n_loops", "train_loss_mean", "train_loss_std"]
+    assert "eval_acc_loop8_mean" in header and "wall_s_std" in header
+    assert [row[:4] for row in rows] == [["prior=uniform,beta=0.1", "2", "3", "4"],
+                                         ["prior=geometric_0.5,beta=0.1", "2", "3", "4"]]
+    assert all(float(v) >= 0 for row in rows for v in row[4:])  # every number there, std with 2 seeds
+    md = (results / "table.md").read_text()
+    assert "| prior=uniform,beta=0.1 | 2/3 | 4 |" in md and "## Missing or failed tasks" in md
+    assert "`prior=uniform,beta=0.1,seed=2`: missing" in md
+    for png in ("loss_curves.png", "accuracy_vs_loops.png", "exit_distribution.png"):
+        data = (results / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, png
+    assert "grid point" in out and "± " in out  # the rich table, with mean ± std
+
+
+def test_analyze_without_expectations_counts_every_finished_run(local_sweep, tmp_path):
+    tmp, _ = local_sweep
+    proc = cli("looplm.analyze", "--experiment", "prior_ablation", "--repo", tmp / "aim",
+               "--out", tmp_path)
+    _, *rows = csv.reader((tmp_path / "table.csv").open())
+    assert proc.returncode == 0 and [row[:3] for row in rows] == [["prior=uniform,beta=0.1", "2", "2"],
+                                                                  ["prior=geometric_0.5,beta=0.1", "2", "2"]]
+
+
+def test_resume_continues_the_same_aim_run_after_a_hard_kill(tmp_path):
+    """A task stopped at step 3 (its checkpoint says so) whose Aim run is still locked by a
+    process of another machine (a killed incarnation on another node): started again by Slurm
+    (SLURM_RESTART_COUNT=1), it releases the stale lock, resumes, and logs steps 3..5 into the
+    same run, so the run holds 0..5 once each."""
+    import aim
+    from aim.sdk.lock_manager import LockManager
+
+    from looplm.tracking import open_repo
+
+    select = {"LOOPLM_SWEEP_GRID": "prior=uniform;beta=0.1", "LOOPLM_SWEEP_SEEDS": "0"}
+    env = tiny_env(tmp_path, **select, LOOPLM_SWEEP_BIND=TINY.replace(f"TRAIN_STEPS = {STEPS}", "TRAIN_STEPS = 3"))
+    cli("looplm.sweep", "run", PRIOR, "--task", 0, env=env)
+    [run] = list(open_repo(str(tmp_path / "aim")).iter_runs())
+    lock = Path(aim.Repo.from_path(str(tmp_path / "aim")).path) / "locks" / f"{run.hash}.softlock"
+    lock.write_text(f"{LockManager.machine_id + 1}-1-0")  # held by "another machine"
+    assert LockManager(lock.parent.parent).get_run_lock_info(run.hash).locked
+
+    proc = cli("looplm.sweep", "run", PRIOR, "--task", 0, env={**tiny_env(tmp_path, **select),
+                                                               "SLURM_RESTART_COUNT": "1"})
+    assert "releasing the stale Aim lock" in proc.stdout and "at step 3" in proc.stdout
+    runs = list(open_repo(str(tmp_path / "aim")).iter_runs())
+    assert [r.hash for r in runs] == [run.hash]
+    [loss] = [m for m in runs[0].metrics() if m.name == "loss"]
+    assert loss.data.view("val").numpy()[0].tolist() == list(range(STEPS))
+    wall = (tmp_path / "sweep" / "prior=uniform,beta=0.1,seed=0" / "wall_time.json").read_text()
+    assert '"starts": 2' in wall
+
+
+def test_a_task_with_several_runs_counts_once():
+    """E.g. an empty run left by a task killed while starting, then its complete rerun, then a
+    partial run of a re-submission: the complete one counts, whatever the order."""
+    import numpy as np
+
+    from looplm.analyze import RunResult, dedupe
+
+    def run(name, steps_done, created):
+        r = RunResult(name, "task", 0, "point", 0, "/sweep/task", steps=6, n_loops=4, created=created)
+        r.loss_steps, r.eval_step = np.arange(steps_done), 6 if steps_done == 6 else -1
+        return r
+
+    empty, complete, partial = run("empty", 0, 1.0), run("complete", 6, 2.0), run("partial", 3, 3.0)
+    kept, superseded = dedupe([empty, complete, partial])
+    assert kept == [complete] and superseded == [empty, partial]
+    assert partial.problem == "stopped at step 3 of 6" and complete.problem is None

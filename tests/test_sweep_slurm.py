@@ -1,0 +1,129 @@
+"""Sweeps on a real (local, single-node) Slurm: `sbatch sweeps/prior_ablation.slurm` end to end with
+a tiny override, and a task pre-empted mid-run that requeues itself and resumes into the same
+Aim run."""
+
+import csv
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from slurm_cluster import slurm_cluster  # noqa: F401
+
+from looplm import sweep as sw
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "sweeps" / "prior_ablation.slurm"
+PRIOR = ROOT / "sweeps" / "prior_ablation.py"
+TINY = ("AdditionTask.n_eval = 32; model_config.d_model = 32; model_config.n_layers = 1; "
+        "model_config.d_ff = 64; train.batch_size = 16")
+
+
+def submit(cluster, tmp: Path, grid: str, seeds: str, bind: str) -> tuple[str, dict]:
+    """sbatch the shipped script as a user would, the override through --export (values without
+    commas: --export splits at commas), the array sized by `looplm.sweep count`."""
+    overrides = {"LOOPLM_SWEEP_GRID": grid, "LOOPLM_SWEEP_SEEDS": seeds, "LOOPLM_SWEEP_BIND": bind,
+                 "LOOPLM_SWEEP_DIR": str(tmp / "sweep"), "LOOPLM_AIM_REPO": str(tmp / "aim"),
+                 "LOOPLM_ROOT": str(ROOT)}
+    assert not any("," in v for v in overrides.values())
+    n = len(sw.load(PRIOR, overrides).tasks())
+    export = ",".join(["ALL", *(f"{k}={v}" for k, v in overrides.items())])
+    array_id = cluster.submit([f"--export={export}", f"--array=0-{n - 1}", f"--chdir={ROOT}",
+                               f"--output={tmp}/%x_%A_%a.out", str(SCRIPT)])
+    return array_id, overrides
+
+
+def collect_job(tmp: Path, array_id: str) -> str:
+    marker = tmp / "sweep" / "logs" / f"{array_id}_collect.jobid"
+    poll(marker.exists, 60, "the collect job submitted by the array's first task")
+    poll(lambda: marker.read_text().strip() != "", 10, "the collect job id")
+    return marker.read_text().strip()
+
+
+def poll(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout}s")
+        time.sleep(0.2)
+
+
+def metric_steps(repo: Path) -> dict[str, dict]:
+    """{task name: {(metric, subset, loop): [steps]}} of every run of the repo."""
+    from looplm.tracking import open_repo
+
+    out = {}
+    for run in open_repo(str(repo)).iter_runs():
+        task = run["hparams"]["task"]
+        assert task not in out, f"two Aim runs for task {task}"
+        out[task] = {(m.name, m.context.to_dict().get("subset"), m.context.to_dict().get("loop")):
+                     m.data.view("val").numpy()[0].tolist() for m in run.metrics()
+                     if not m.name.startswith("__system__")}
+    return out
+
+
+def logs(tmp: Path) -> str:
+    return "\n".join(f"===== {p.name}\n{p.read_text()}" for p in sorted(tmp.glob("*.out")))
+
+
+def test_sbatch_prior_ablation_end_to_end(slurm_cluster, tmp_path):  # noqa: F811
+    steps = 6
+    array_id, env = submit(slurm_cluster, tmp_path, grid="prior=uniform geometric_0.5;beta=0.1",
+                           seeds="0 1", bind=f"TRAIN_STEPS = {steps}; train.eval_every = 3; {TINY}")
+    collect_id = collect_job(tmp_path, array_id)
+    slurm_cluster.wait(array_id, timeout=150)
+    slurm_cluster.wait(collect_id, timeout=60)
+
+    assert slurm_cluster.array_states(array_id) == {i: "COMPLETED" for i in range(4)}, logs(tmp_path)
+    assert slurm_cluster.job_state(collect_id) == "COMPLETED", logs(tmp_path)
+    tasks = sw.load(PRIOR, env).tasks()
+    for task in tasks:  # one log per task, named %A_%a
+        assert f"task {array_id}_{task.id} " in (tmp_path / f"prior_ablation_{array_id}_{task.id}.out").read_text()
+    runs = metric_steps(tmp_path / "aim")
+    assert sorted(runs) == sorted(t.name for t in tasks)
+    for series in runs.values():
+        assert series["loss", "train", None] == list(range(steps))
+        assert series["acc", "eval", 8] == [3, 6]
+
+    results = tmp_path / "sweep" / "results"
+    _, *rows = csv.reader((results / "table.csv").open())
+    assert [(row[0], row[1]) for row in rows] == [("prior=uniform,beta=0.1", "2"),
+                                                  ("prior=geometric_0.5,beta=0.1", "2")]
+    assert "Missing" not in (results / "table.md").read_text()
+    for png in ("loss_curves.png", "accuracy_vs_loops.png", "exit_distribution.png"):
+        assert (results / png).stat().st_size > 20_000
+    assert "wrote" in (tmp_path / f"prior_ablation_{array_id}_collect.out").read_text()
+
+
+def test_preempted_task_requeues_and_resumes_into_the_same_aim_run(slurm_cluster, tmp_path):  # noqa: F811
+    steps = 300
+    array_id, _ = submit(slurm_cluster, tmp_path, grid="prior=uniform;beta=0.1", seeds="0",
+                         bind=f"TRAIN_STEPS = {steps}; train.eval_every = 100; train.log_every = 10; {TINY}")
+    log = tmp_path / f"prior_ablation_{array_id}_0.out"
+    poll(lambda: log.exists() and "step 20:" in log.read_text(), 90, "task 0 training")
+
+    # What Slurm does two minutes before the time limit (--signal=B:USR1@120): USR1 to the batch shell.
+    slurm_cluster.check(["scancel", "--signal=USR1", "--batch", f"{array_id}_0"])
+    poll(lambda: slurm_cluster.array_states(array_id)[0] == "PENDING", 60, "task requeued")
+    text = log.read_text()
+    assert "got SIGUSR1" in text and "requeueing" in text, text
+    checkpoint = torch.load(tmp_path / "sweep" / "prior=uniform,beta=0.1,seed=0" / "checkpoint.pt",
+                            weights_only=False)
+    assert 20 <= checkpoint["step"] < steps  # written on the signal, mid-run
+    # Released at once instead of after the ~2 min requeue delay; not in the very second the
+    # first start ended (slurmd would refuse the launch: "Job credential revoked").
+    slurm_cluster.check(["scontrol", "update", f"JobId={array_id}_0", "StartTime=now+1"])
+    collect_id = (tmp_path / "sweep" / "logs" / f"{array_id}_collect.jobid").read_text().strip()
+    slurm_cluster.wait(array_id, timeout=120)
+    slurm_cluster.wait(collect_id, timeout=60)
+
+    assert slurm_cluster.array_states(array_id) == {0: "COMPLETED"}, logs(tmp_path)
+    assert slurm_cluster.job_state(collect_id) == "COMPLETED", logs(tmp_path)
+    text = log.read_text()
+    assert "start 2" in text and "resumed from" in text, text
+    [series] = metric_steps(tmp_path / "aim").values()  # one Aim run for the task
+    assert series["loss", "train", None] == list(range(steps))  # each step once, none missing
+    assert series["ce", "train", 4] == list(range(steps))
+    assert series["acc", "eval", 1] == [100, 200, 300]
