@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from looplm.sweep import WALL_TIME_FILE, is_remote
+
 EVAL_PER_LOOP = ("ce", "acc", "exact_match")
 
 
@@ -66,15 +68,11 @@ class RunResult:
         return None
 
 
-def _is_remote(repo: str) -> bool:
-    return str(repo).startswith("aim://")
-
-
 def open_aim(repo: str, wait_s: float = 180.0):
     """The repo, with every finished run indexed (looplm.tracking.open_repo). Through an Aim
     server (aim://) the index is the one `aim up` keeps on the server's host, lazily: wait until
     every run the server lists shows in it, or wait_s."""
-    if _is_remote(repo):
+    if is_remote(repo):
         import aim
 
         remote = aim.Repo.from_path(repo)
@@ -98,7 +96,7 @@ def open_aim(repo: str, wait_s: float = 180.0):
 
 
 def _wall_time(run, run_dir: str) -> float:
-    path = Path(run_dir, "wall_time.json") if run_dir else None
+    path = Path(run_dir, WALL_TIME_FILE) if run_dir else None
     if path is not None and path.exists():
         return float(json.loads(path.read_text())["seconds"])
     duration = run.duration

@@ -62,6 +62,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AIM_REPO = "runs/aim"
+WALL_TIME_FILE = "wall_time.json"  # in a task's run directory: the trainer's seconds over its starts
 _LABEL = re.compile(r"[\w.+-]+")
 
 
@@ -251,14 +252,19 @@ class Paths:
 
     @property
     def remote(self) -> bool:
-        return self.repo.startswith("aim://")
+        return is_remote(self.repo)
+
+
+def is_remote(repo: str) -> bool:
+    """Whether an Aim repo is a tracking server (`aim://host:port`) rather than a folder."""
+    return str(repo).startswith("aim://")
 
 
 def paths(sweep: Sweep, env=None) -> Paths:
     env = os.environ if env is None else env
     repo = env.get("LOOPLM_AIM_REPO") or DEFAULT_AIM_REPO
     return Paths(dir=Path(env.get("LOOPLM_SWEEP_DIR") or f"runs/sweeps/{sweep.name}").absolute(),
-                 repo=repo if repo.startswith("aim://") else str(Path(repo).absolute()))
+                 repo=repo if is_remote(repo) else str(Path(repo).absolute()))
 
 
 def _gin_path(name: str) -> str:
@@ -319,7 +325,7 @@ def release_stale_run_lock(repo: str, run_dir: Path) -> None:
 
 def _add_wall_time(run_dir: Path, seconds: float) -> None:
     """Accumulate the trainer's wall time over the starts of a task in <run_dir>/wall_time.json."""
-    path = run_dir / "wall_time.json"
+    path = run_dir / WALL_TIME_FILE
     state = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "starts": 0}
     state = {"seconds": state["seconds"] + seconds, "starts": state["starts"] + 1}
     tmp = path.with_name(f".{path.name}.tmp")
