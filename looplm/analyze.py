@@ -6,8 +6,8 @@ and plots.
 
 Per grid point: final train loss, eval loss (ce), token accuracy and exact match at every loop
 count 1..2T, mean exit step and exit entropy (all from the last evaluation), tokens/s (mean over
-steps) and wall time (the trainer's, summed over requeues, from <run dir>/wall_time.json; else the
-Aim run's duration). Writes table.csv (every number, mean and std columns), table.md, runs.csv (one
+steps) and wall time (the trainer's `wall_time` metric: seconds of training summed over requeues).
+Writes table.csv (every number, mean and std columns), table.md, runs.csv (one
 line per run or expected task, with its status), loss_curves.png, accuracy_vs_loops.png and
 exit_distribution.png into --out.
 
@@ -20,7 +20,6 @@ re-submitted sweep in the same folder) counts once: the run that got furthest, t
 
 import argparse
 import csv
-import json
 import math
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from looplm.sweep import WALL_TIME_FILE, is_remote
+from looplm.sweep import is_remote
 
 EVAL_PER_LOOP = ("ce", "acc", "exact_match")
 
@@ -95,14 +94,6 @@ def open_aim(repo: str, wait_s: float = 180.0):
     return open_repo(repo)
 
 
-def _wall_time(run, run_dir: str) -> float:
-    path = Path(run_dir, WALL_TIME_FILE) if run_dir else None
-    if path is not None and path.exists():
-        return float(json.loads(path.read_text())["seconds"])
-    duration = run.duration
-    return float(duration) if duration is not None else math.nan
-
-
 def read_run(run) -> RunResult:
     hp = run["hparams"]
     result = RunResult(run_hash=run.hash, task=str(hp.get("task", run.hash)), task_id=int(hp.get("task_id", 0)),
@@ -113,10 +104,12 @@ def read_run(run) -> RunResult:
     for metric in run.metrics():
         context = metric.context.to_dict()
         subset = context.get("subset")
-        if subset == "train" and metric.name in ("loss", "tokens_per_s") and "loop" not in context:
+        if subset == "train" and metric.name in ("loss", "tokens_per_s", "wall_time") and "loop" not in context:
             steps, (values,) = metric.data.view("val").numpy()
             if metric.name == "loss":
                 result.loss_steps, result.loss = steps, values
+            elif metric.name == "wall_time" and len(values):
+                result.wall_s = float(values[-1])  # the trainer's seconds, summed over requeues
             elif len(values):
                 result.tokens_per_s = float(values[1:].mean() if len(values) > 1 else values[0])
         elif subset == "eval":
@@ -131,7 +124,6 @@ def read_run(run) -> RunResult:
         for name in ("exit_mean", "entropy"):
             if (name, None) in evals:
                 result.eval[name] = evals[name, None][1]
-    result.wall_s = _wall_time(run, result.run_dir)
     return result
 
 

@@ -33,7 +33,8 @@ def log_exit_probs(gate_logits: torch.Tensor, n_loops: int | None = None) -> tor
     log_p = log_exit + survive_before
     if n == T:
         log_p = torch.cat([log_p[..., :-1], survive_before[..., -1:]], dim=-1)
-    return log_p
+    # a saturated gate can drive the survival sum to -inf; keep it finite so p log p is 0, not NaN
+    return log_p.clamp_min(torch.finfo(log_p.dtype).min)
 
 
 def exit_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
@@ -84,14 +85,13 @@ def stage2_loss(ce: torch.Tensor, gate_logits: torch.Tensor, mask: torch.Tensor,
     I_t = max(0, CE_{t-1} - CE_t) (detached), continue-target w_t = sigmoid(k (I_t - gamma)),
     L_t = -mean_tokens[w_t log(1 - lambda_t) + (1 - w_t) log lambda_t], L = sum_{t>=2} L_t / T.
     """
-    T = ce.shape[-1]
-    if T < 2:
-        raise ValueError("Stage II needs at least 2 loops: the target compares consecutive losses")
+    T = ce.shape[-1]  # T = 1 has no pair of loops to compare: the empty sum, 0
     ce = at_least_float32(ce.detach())
     improvement = (ce[..., :-1] - ce[..., 1:]).clamp_min(0)
-    w = torch.sigmoid(k * (improvement - gamma))
+    x = k * (improvement - gamma)
+    w_continue, w_exit = torch.sigmoid(x), torch.sigmoid(-x)  # not 1 - w: no cancellation near 1
     g = at_least_float32(gate_logits[..., 1:])
-    bce = -(w * F.logsigmoid(-g) + (1 - w) * F.logsigmoid(g))  # (B, S, T-1)
+    bce = -(w_continue * F.logsigmoid(-g) + w_exit * F.logsigmoid(g))  # (B, S, T-1)
     return token_mean(bce.sum(-1), mask) / T
 
 

@@ -12,7 +12,7 @@ def _loops(values, fmt="{:.3f}") -> str:
 
 class TrainProgress:
     def __init__(self, total_steps: int, start_step: int, log_every: int, enabled: bool = True):
-        self.console = Console()
+        self.console = Console(soft_wrap=True)  # batch logs: a long line stays one line
         self.log_every = log_every
         self.live = enabled and self.console.is_terminal
         self.enabled = enabled

@@ -18,6 +18,8 @@ from looplm.objectives import (entropy, log_exit_probs, neg_entropy_terms, stage
 class FixedLoops(LoopCount):
     """The same T every step (default: the model's configured n_loops)."""
 
+    properties = frozenset({"stateless"})
+
     def __init__(self, n_loops: int | None = None):
         if n_loops is not None and n_loops < 1:
             raise ValueError(f"FixedLoops.n_loops={n_loops} must be >= 1")
@@ -31,6 +33,8 @@ class FixedLoops(LoopCount):
 class FullBackprop(BackpropWindow):
     """Every loop keeps its graph (Ouro)."""
 
+    properties = frozenset({"stateless"})
+
     def first_grad_loop(self, step, n_loops):
         return 1
 
@@ -38,6 +42,8 @@ class FullBackprop(BackpropWindow):
 @EXIT_PRIORS.register("uniform")
 class UniformPrior(ExitPrior):
     """Ouro's entropy bonus: terms p_t log p_t sum to -H(p) = KL(p || Uniform_T) - log T."""
+
+    properties = frozenset({"stateless"})
 
     def __init__(self, beta: float = 0.1):
         if beta < 0:
@@ -56,6 +62,12 @@ class ExitWeighted(LossEstimator):
     probabilities as known coefficients; "recompute" uses the generic autograd read-out, which
     recomputes the logits in backward (a third more read-out FLOPs; kept for comparison).
     """
+
+    properties = frozenset({"unbiased_for_stage1"})
+
+    @classmethod
+    def conformance_examples(cls):
+        return [cls(), cls(readout="recompute")]
 
     def __init__(self, readout: str = "fused"):
         if readout not in ("fused", "recompute"):

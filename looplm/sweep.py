@@ -56,13 +56,11 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AIM_REPO = "runs/aim"
-WALL_TIME_FILE = "wall_time.json"  # in a task's run directory: the trainer's seconds over its starts
 _LABEL = re.compile(r"[\w.+-]+")
 
 
@@ -323,16 +321,6 @@ def release_stale_run_lock(repo: str, run_dir: Path) -> None:
         locks.release_locks(run_hash, force=True)
 
 
-def _add_wall_time(run_dir: Path, seconds: float) -> None:
-    """Accumulate the trainer's wall time over the starts of a task in <run_dir>/wall_time.json."""
-    path = run_dir / WALL_TIME_FILE
-    state = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0, "starts": 0}
-    state = {"seconds": state["seconds"] + seconds, "starts": state["starts"] + 1}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
-
-
 def run_task(sweep: Sweep, task: Task, where: Paths) -> int:
     """Train one task in this process (so a signal sent to it reaches the trainer) and return the
     trainer's exit code: 0 done, 2 config error, 3 pre-empted (checkpointed, start it again)."""
@@ -344,11 +332,7 @@ def run_task(sweep: Sweep, task: Task, where: Paths) -> int:
             release_stale_run_lock(where.repo, run_dir)
     from looplm.run import main
 
-    start = time.monotonic()
-    try:
-        return main(run_argv(sweep, task, where))
-    finally:
-        _add_wall_time(run_dir, time.monotonic() - start)
+    return main(run_argv(sweep, task, where))
 
 
 def chain_collect(sweep: Sweep, where: Paths, array_job_id: str, log: str | None = None) -> str | None:

@@ -81,6 +81,9 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
                         "log_every": log_every}.items():
         if value < 1:
             raise ValueError(f"train.{name}={value} must be >= 1")
+    control = control or RunControl()
+    control.install()  # before anything slow: a pre-emption during start-up is not lost
+    started_at = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -109,7 +112,7 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
 
     tracker = tracker or Tracker(enabled=False)
     state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME) if resume else None
-    start_step, history, last_eval = 0, [], {}
+    start_step, history, last_eval, wall_before = 0, [], {}, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -117,21 +120,25 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         recipe.load_state_dict(state["recipe"])
         checkpoint.set_rng_state(state["rng"])
         start_step, history, last_eval = state["step"], state["history"], state["last_eval"]
+        wall_before = state["wall_time"]
     run_hash = tracker.open({"gin": gin.config_str(), "recipe": recipe.describe(), "model": asdict(cfg),
                              "seed": seed, "steps": steps, "batch_size": batch_size,
                              "n_params": model.num_params(), **(hparams or {})},
                             run_hash=state.get("run_hash") if state else None)
     (run_dir / "config.gin").write_text(gin.config_str())
 
+    def wall_time():
+        """Seconds this run has trained, summed over its starts (requeues)."""
+        return wall_before + time.perf_counter() - started_at
+
     def save(step):
         checkpoint.save(run_dir / checkpoint.CHECKPOINT_NAME, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "recipe": recipe.state_dict(),
             "rng": checkpoint.rng_state(), "step": step, "history": history,
-            "last_eval": last_eval, "run_hash": run_hash, "model_config": asdict(cfg)})
+            "last_eval": last_eval, "run_hash": run_hash, "model_config": asdict(cfg),
+            "wall_time": wall_time()})
 
-    control = control or RunControl()
-    control.install()
     control.started = True
     eval_loops = eval_max_loops or 2 * cfg.n_loops
     model.train()
@@ -155,7 +162,7 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
             scheduler.step()
             metrics = _average(micro_metrics)
             metrics.update(grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0],
-                           tokens_per_s=n_tokens / (time.perf_counter() - t0))
+                           tokens_per_s=n_tokens / (time.perf_counter() - t0), wall_time=wall_time())
             history.append(metrics["loss"])
             tracker.log(metrics, step, {"subset": "train"})
             bar.update(step, metrics)
@@ -168,9 +175,11 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
                          f"per loop {' '.join(f'{v:.2f}' for v in last_eval['exact_match'])}")
             if step % checkpoint_every == 0 or step == steps or control.raised:
                 save(step)
+        if control.raised and step == start_step:
+            save(step)  # stopped before its first step: the next start reopens this Aim run
     tracker.close()
     summary = {"step": step, "train": metrics if step > start_step else {}, "history": history,
-               "eval": last_eval, "run_dir": str(run_dir),
+               "eval": last_eval, "run_dir": str(run_dir), "wall_time": wall_time(),
                "preempted": control.raised}
     (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     if control.raised is None:

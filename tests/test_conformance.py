@@ -11,62 +11,9 @@ from looplm import conformance as C
 from looplm.conformance import ConformanceError, check_plugin
 from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, LOOP_COUNTS, NORMS, PLACEMENTS,
                           REGULARIZERS, ExitPrior, LoopCount, step_generator)
-from looplm.recipe import ExitWeighted, FixedLoops, FullBackprop, UniformPrior
+from looplm.recipe import UniformPrior
 
 C.import_variants()
-
-
-# -- declarations the plugins should carry themselves -------------------------------------------------
-def install_pending_declarations():
-    """Examples and declared properties for in-tree plugins that cannot carry them yet (the tests do
-    not edit variants/ or looplm/recipe.py). Each entry is exactly what to paste into the class;
-    once a class defines the attribute itself, its entry here does nothing."""
-    from variants import norms, priors, random_loops, truncated
-    from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, MinSNRWeighting, NoWeighting,
-                                       SampledStep)
-
-    def sampled_step_examples(cls):
-        return [cls(),
-                cls(CLTSProposal(total_steps=10), MinSNRWeighting()),
-                cls(FixedScheduleProposal((0.5, 0.3, 0.2)), per_sequence=True)]  # T = 3: the battery's
-
-    def sampled_step_properties(self):
-        return {"unbiased_for_stage1"} if isinstance(self.weighting, NoWeighting) else set()
-
-    def sampled_step_outcomes(self, n_loops, step, seed, batch_size):
-        import itertools
-        import math
-        q = self.proposal.probs(n_loops, step)
-        extra = {"q": q, "seed": seed, "step": step}
-        if self.per_sequence:
-            for rows in itertools.product(range(1, n_loops + 1), repeat=batch_size):
-                yield (math.prod(float(q[t - 1]) for t in rows),
-                       (n_loops, tuple(range(1, n_loops + 1)), extra | {"rows": torch.tensor(rows)}))
-        else:
-            for t in range(1, n_loops + 1):
-                yield float(q[t - 1]), (t, tuple(range(1, t + 1)), extra | {"t": t})
-
-    pending = [
-        (SampledStep, "conformance_examples", classmethod(sampled_step_examples)),
-        (SampledStep, "properties", property(sampled_step_properties)),
-        (SampledStep, "plan_outcomes", sampled_step_outcomes),
-        (ExitWeighted, "conformance_examples", classmethod(lambda cls: [cls(), cls(readout="recompute")])),
-        (ExitWeighted, "properties", frozenset({"unbiased_for_stage1"})),
-        *[(cls, "properties", frozenset({"stateless"})) for cls in (
-            FixedLoops, FullBackprop, UniformPrior, priors.GeometricPrior, priors.NoPrior,
-            truncated.LastLoops, truncated.RampedLastLoops, random_loops.LogNormalLoops,
-            random_loops.PoissonLoops, random_loops.UniformLoops, random_loops.PoissonLogNormalLoops,
-            random_loops.RampedLoops)],
-        *[(cls, "properties", frozenset({"bounded_state"})) for cls in (
-            norms.SandwichDual, norms.PostNorm, norms.DeepNorm)],
-        (norms.DeepNorm, "conformance_examples", classmethod(lambda cls: [{"deepnorm_alpha": 1.5}])),
-    ]
-    for cls, name, value in pending:
-        if name not in vars(cls):
-            setattr(cls, name, value)
-
-
-install_pending_declarations()
 
 REGISTERED = [pytest.param(cls, id=f"{fam}:{name}") for fam, name, cls in C.registered_plugins()]
 

@@ -14,7 +14,7 @@ from looplm.data import AdditionTask
 from looplm.recipe import GateTraining, Recipe
 from looplm.run import main
 from looplm.tracking import Tracker, open_repo
-from looplm.train import PREEMPTED_EXIT_CODE, RunControl, train
+from looplm.train import RunControl, train
 
 TINY = dict(preset="tiny", d_model=32, n_layers=1, n_heads=2, d_ff=64, n_loops=3)
 

@@ -91,6 +91,8 @@ class PreNorm(nn.Module):
 class PostNorm(nn.Module):
     """`N(x + f(x))` (the original Transformer)."""
 
+    properties = frozenset({"bounded_state"})
+
     def __init__(self, cfg, sublayer: nn.Module):
         super().__init__()
         self.sublayer, self.norm = sublayer, make_norm(cfg)
@@ -102,6 +104,8 @@ class PostNorm(nn.Module):
 @PLACEMENTS.register("sandwich_dual")
 class SandwichDual(nn.Module):
     """Huginn: `N2(x + f(N1(x)))`, a norm on the branch input and one on the residual sum."""
+
+    properties = frozenset({"bounded_state"})
 
     def __init__(self, cfg, sublayer: nn.Module):
         super().__init__()
@@ -115,6 +119,13 @@ class SandwichDual(nn.Module):
 class DeepNorm(nn.Module):
     """`N(alpha * x + f(x))`, alpha = cfg.deepnorm_alpha (post-norm with an up-weighted residual;
     DeepNet uses alpha = (2N)^(1/4) for decoders; its init scaling is not applied, see module)."""
+
+    properties = frozenset({"bounded_state"})
+
+    @classmethod
+    def conformance_examples(cls):
+        """Model-config overrides the battery builds this placement with."""
+        return [{"deepnorm_alpha": 1.5}]
 
     def __init__(self, cfg, sublayer: nn.Module):
         super().__init__()

@@ -44,6 +44,8 @@ class GeometricPrior(ExitPrior):
     reads loop t only): the terms always use the full-T pi, so each term is the one of the full
     sum. Ouro's ablation found the uniform prior better than lambda_p in 0.1..0.9."""
 
+    properties = frozenset({"stateless"})
+
     def __init__(self, beta: float = 0.1, lambda_p: float = 0.5):
         if not beta >= 0:
             raise ValueError(f"GeometricPrior.beta={beta} must be >= 0")
@@ -65,6 +67,8 @@ class GeometricPrior(ExitPrior):
 @EXIT_PRIORS.register("none")
 class NoPrior(ExitPrior):
     """No exit prior: beta = 0 and zero terms."""
+
+    properties = frozenset({"stateless"})
 
     beta = 0.0
 

@@ -56,6 +56,8 @@ class LogNormalLoops(LoopCount):
     mu and sigma are those of the underlying normal (numpy's lognormal convention): the default
     (2.0, 0.7) has median e^2 ~ 7.4 loops and mean ~ 9.4 before rounding."""
 
+    properties = frozenset({"stateless"})
+
     def __init__(self, mu: float = 2.0, sigma: float = 0.7, low: int = 1, high: int = 100):
         if not math.isfinite(mu):
             raise ValueError(f"LogNormalLoops.mu={mu} must be finite")
@@ -66,7 +68,10 @@ class LogNormalLoops(LoopCount):
 
     def sample(self, step, n_loops, seed):
         z = float(torch.randn((), generator=_generator(self, seed, step), dtype=torch.float64))
-        return min(self.high, max(self.low, _round(math.exp(self.mu + self.sigma * z))))
+        log_t = self.mu + self.sigma * z
+        if log_t > math.log(self.high + 1):  # clipped anyway; exp() would overflow for a large mu
+            return self.high
+        return min(self.high, max(self.low, _round(math.exp(log_t))))
 
     def describe(self):
         return f"LogNormalLoops(mu={self.mu}, sigma={self.sigma}, [{self.low}, {self.high}])"
@@ -75,6 +80,8 @@ class LogNormalLoops(LoopCount):
 @LOOP_COUNTS.register("poisson")
 class PoissonLoops(LoopCount):
     """STARS: T = clip(Poisson(lam), low, high)."""
+
+    properties = frozenset({"stateless"})
 
     def __init__(self, lam: float = 5.0, low: int = 1, high: int = 100):
         if not (lam > 0 and math.isfinite(lam)):
@@ -93,6 +100,8 @@ class PoissonLoops(LoopCount):
 @LOOP_COUNTS.register("uniform")
 class UniformLoops(LoopCount):
     """STARS: T uniform on the integers low..high (both included)."""
+
+    properties = frozenset({"stateless"})
 
     def __init__(self, low: int = 1, high: int = 100):
         _check_bounds("UniformLoops", low, high)
@@ -120,6 +129,8 @@ class PoissonLogNormalLoops(LoopCount):
     `mean` is Huginn's r-bar, the mean of tau: E[T] = mean + 1 and
     Var[T] = mean + mean^2 (exp(sigma^2) - 1) (before the cap). Heavy-tailed: pair it with a
     truncated window (Huginn backprops through the last 8 loops)."""
+
+    properties = frozenset({"stateless"})
 
     def __init__(self, mean: float = 32.0, sigma: float = 0.5, high: int | None = None):
         if not (mean > 0 and math.isfinite(mean)):
@@ -150,6 +161,8 @@ class RampedLoops(LoopCount):
                                           (Huginn's law; T = 1 while m <= 1)
         distribution="fixed":             T = round(m), no randomness
     end=None: the model's configured n_loops. `high` optionally caps T."""
+
+    properties = frozenset({"stateless"})
 
     SHAPES = ("linear", "sqrt")
     DISTRIBUTIONS = ("poisson_lognormal", "fixed")

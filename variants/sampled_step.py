@@ -36,12 +36,13 @@ Notes on the composition with other families:
 - A truncated window (variants.truncated) counts back from the sampled loop t.
 """
 
+import itertools
 import math
 
 import torch
 
 from looplm.hooks import ESTIMATORS, LossEstimator, Plugin, step_generator
-from looplm.objectives import log_exit_probs
+from looplm.objectives import at_least_float32, log_exit_probs
 from looplm.recipe import FixedLoops
 from looplm.registry import Registry
 
@@ -237,6 +238,30 @@ class SampledStep(LossEstimator):
     Metrics: sampled_loop, sampled_ce, sampled_acc, q_t, weight (means over rows if per_sequence).
     """
 
+    @classmethod
+    def conformance_examples(cls):
+        return [cls(),
+                cls(CLTSProposal(total_steps=10), MinSNRWeighting()),
+                cls(FixedScheduleProposal((0.5, 0.3, 0.2)), per_sequence=True)]  # the battery runs T = 3
+
+    @property
+    def properties(self):
+        """Unbiased for Stage I only without a loss weighting (a weighting changes the objective)."""
+        return frozenset({"unbiased_for_stage1"}) if isinstance(self.weighting, NoWeighting) else frozenset()
+
+    def plan_outcomes(self, n_loops, step, seed, batch_size):
+        """Every plan this estimator can draw, with its probability: (q, (run, readout, extra)).
+        The conformance battery enumerates them to check unbiasedness exactly."""
+        q = self.proposal.probs(n_loops, step)
+        extra = {"q": q, "seed": seed, "step": step}
+        if self.per_sequence:
+            for rows in itertools.product(range(1, n_loops + 1), repeat=batch_size):
+                yield (math.prod(float(q[t - 1]) for t in rows),
+                       (n_loops, tuple(range(1, n_loops + 1)), extra | {"rows": torch.tensor(rows)}))
+        else:
+            for t in range(1, n_loops + 1):
+                yield float(q[t - 1]), (t, tuple(range(1, t + 1)), extra | {"t": t})
+
     def __init__(self, proposal: Proposal = None, weighting: Weighting = None, per_sequence: bool = False):
         self.proposal = UniformProposal() if proposal is None else proposal
         self.weighting = NoWeighting() if weighting is None else weighting
@@ -290,14 +315,14 @@ class SampledStep(LossEstimator):
             g = gates if rows is None else gates[rows]
             log_p = log_exit_probs(g[..., :t], T)
             qt, wt = float(q[t - 1]), float(w[t - 1])
-            per_token = (wt / qt) * log_p[..., t - 1].exp() * ce.float()
+            per_token = (wt / qt) * log_p[..., t - 1].exp() * at_least_float32(ce)
             if prior.beta:
                 per_token = per_token + (prior.beta / qt) * prior.loop_terms(log_p, T)[..., t - 1]
             m = mask.to(per_token.dtype)
             total = total + (per_token * m).sum()
-            ce_sum += float((ce.detach().float() * m).sum())
+            ce_sum += float((ce.detach() * m).sum())
             acc_sum += float((correct.float() * m).sum())
-            observed.append((t, float((ce.detach().float() * m).sum() / m.sum().clamp_min(1)), m.sum() > 0))
+            observed.append((t, float((ce.detach() * m).sum() / m.sum().clamp_min(1)), m.sum() > 0))
         for t, mean_ce, has_tokens in observed:
             if has_tokens:
                 self.weighting.observe(t, mean_ce)

@@ -40,6 +40,8 @@ class LastLoops(BackpropWindow):
 
     The embedding and prelude get no gradient while k < T (see the module docstring)."""
 
+    properties = frozenset({"stateless"})
+
     def __init__(self, k: int = 1):
         self.k = _check_k("LastLoops", "k", k)
 
@@ -59,6 +61,8 @@ class RampedLastLoops(BackpropWindow):
     k_end < k_start (a shrinking window) is allowed. The schedule is a function of the step
     alone, so there is no state to checkpoint. While k(step) < T the embedding and prelude get no
     gradient (see the module docstring)."""
+
+    properties = frozenset({"stateless"})
 
     def __init__(self, k_start: int = 1, k_end: int = 8, ramp_steps: int = 1000):
         self.k_start = _check_k("RampedLastLoops", "k_start", k_start)
