@@ -14,3 +14,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # tiny test models run fastest single-threaded (2 threads contend on a shared 2-core box)
 torch.set_num_threads(1)
+
+# One session-wide local Slurm cluster for every test module that asks for it (a fixture imported
+# into two modules would be two fixtures, and the second cluster would find the ports taken).
+from slurm_cluster import slurm_cluster  # noqa: E402, F401

@@ -1,6 +1,6 @@
 """A throwaway single-node Slurm cluster for tests (see sweeps/local_slurm.sh).
 
-Tests use it with `from slurm_cluster import slurm_cluster  # noqa: F401`.
+tests/conftest.py imports it once, so every test module shares one cluster per session.
 """
 
 import os

@@ -3,7 +3,6 @@
 import time
 
 import pytest
-from slurm_cluster import slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slurm
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import slurm_cluster  # noqa: F401
 
 from looplm import sweep as sw
 
