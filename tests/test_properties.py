@@ -14,7 +14,6 @@ profile's examples (`FEW`).
 import itertools
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, example, given, note, reject, settings
 from hypothesis import strategies as st
@@ -46,15 +45,6 @@ F64 = torch.float64
 FEW = settings(max_examples=max(4, settings.default.max_examples // 5),
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 MANY_REJECTS = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: threads cost more than they bring."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides):

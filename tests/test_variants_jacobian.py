@@ -14,17 +14,8 @@ from variants.jacobian import HutchinsonJacobian, PowerIterationJacobian, Spectr
 from variants.priors import NoPrior
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work (20x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def setup(one_thread):
+def setup():
     """A 1-layer, d=8 stack at B=1, S=4 (n = 32): J is 32 x 32."""
     torch.manual_seed(0)
     model = LoopLM(model_config("tiny", d_model=8, n_heads=2, d_ff=16, n_layers=1, init_std=0.3)).double()

@@ -17,15 +17,6 @@ from looplm.recipe import FixedLoops, Recipe
 from variants.norms import DeepNorm, LayerNorm, PostNorm, PreNorm, SandwichDual, SimpleNorm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work (20x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Branch(nn.Module):
     """A stand-in sublayer f(x, scale, shift=...) that also checks the extra arguments arrive."""
 

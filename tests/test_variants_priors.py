@@ -12,15 +12,6 @@ from looplm.objectives import log_exit_probs, stage1_loss
 from looplm.recipe import FixedLoops, GateTraining, Recipe, UniformPrior
 from variants.priors import GeometricPrior, NoPrior, geometric_log_prior, kl_terms
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work (20x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def random_log_p(shape=(3, 5), T=4, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -18,15 +18,6 @@ from variants.truncated import LastLoops
 
 N = 20_000
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work (20x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def draws(plugin, n=N, seed=0, n_loops=4):
     return np.array([plugin.sample(step, n_loops, seed) for step in range(n)], dtype=np.float64)

@@ -19,15 +19,6 @@ from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, MinSNRWe
                                    SampledStep, UniformProposal)
 from variants.truncated import LastLoops
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work (20x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def tiny(dtype=torch.float32):
     torch.manual_seed(0)

@@ -10,15 +10,6 @@ from looplm.model import LoopLM
 from looplm.recipe import ExitWeighted, FixedLoops, FullBackprop, Recipe, UniformPrior
 from variants.truncated import LastLoops, RampedLastLoops
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than the work (20x slower on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 
 def tiny(**overrides):
     torch.manual_seed(0)
