@@ -121,11 +121,13 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         checkpoint.set_rng_state(state["rng"])
         start_step, history, last_eval = state["step"], state["history"], state["last_eval"]
         wall_before = state["wall_time"]
-    run_hash = tracker.open({"gin": gin.config_str(), "recipe": recipe.describe(), "model": asdict(cfg),
+    # everything is built by now, so the operative config is complete: the values the run uses
+    operative = gin.operative_config_str()
+    run_hash = tracker.open({"gin": operative, "recipe": recipe.describe(), "model": asdict(cfg),
                              "seed": seed, "steps": steps, "batch_size": batch_size,
                              "n_params": model.num_params(), **(hparams or {})},
                             run_hash=state.get("run_hash") if state else None)
-    (run_dir / "config.gin").write_text(gin.config_str())
+    (run_dir / "config.gin").write_text(operative)
 
     def wall_time():
         """Seconds this run has trained, summed over its starts (requeues)."""

@@ -53,6 +53,12 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert resumed["history"] == full["history"]  # bit-exact, float for float
 
 
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    summary = run(tmp_path, steps=20, precision="bf16")
+    assert all(torch.isfinite(torch.tensor(summary["history"])))
+    assert sum(summary["history"][-5:]) < sum(summary["history"][:5])
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     checkpoint.save(path, {"step": 1})
@@ -132,4 +138,6 @@ def test_command_line_runs_the_default_job_briefly(tmp_path):
                  "--bind", "train.steps = 3", "--bind", "Tracker.enabled = False",
                  "--bind", "train.progress = False", "--bind", "AdditionTask.n_eval = 32"])
     assert code == 0
-    assert "Recipe.estimator = @ExitWeighted()" in (tmp_path / "config.gin").read_text()
+    operative = (tmp_path / "config.gin").read_text()
+    assert "Recipe.estimator = @ExitWeighted()" in operative
+    assert "build_optimizer.lr = 0.002" in operative and "train.steps = 3" in operative
