@@ -1,0 +1,113 @@
+"""looplm.bench end to end on a tiny shape, and the analytic FLOPs against FlopCounterMode."""
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from looplm import bench
+from looplm.config import ModelConfig
+from looplm.flops import llama_step_flops, looplm_plan_flops
+
+TINY = ["--vocab", "512", "--hidden", "32", "--ff", "64", "--layers", "2", "--loops", "2",
+        "--seq", "32", "--batch", "2", "--threads", "2"]
+
+
+def tiny_spec(config, **kw):
+    shape = {"preset": "bench", "vocab_size": 512, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64,
+             "n_loops": 3, "batch": 2, "seq": 32}
+    return {"config": config, "shape": shape, "device": "cpu", "dtype": "fp32", "threads": 2, "rep": 0,
+            "seed": 0} | kw
+
+
+def available(config):
+    """Configurations whose plugins exist yet (variants/ is written alongside)."""
+    try:
+        bench.CONFIGS[config].recipe and bench.CONFIGS[config].recipe(ModelConfig())
+    except (ImportError, AttributeError) as e:
+        pytest.skip(f"{config}: {e}")
+    return config
+
+
+def test_end_to_end_table(tmp_path):
+    out, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    configs = ["full", "full_t1", "llama_nxt"]
+    summary = bench.main(TINY + ["--reps", "1", "--warmup", "1", "--steps", "1",
+                                 "--recipes", ",".join(configs), "--out", str(out), "--json", str(js)])
+    assert summary["matmul_rate"] > 0 and summary["square_rate"] > 0
+    for name in configs:
+        row = summary["rows"][name]
+        assert "error" not in row, row
+        for key in ("median_ms", "tokens_per_s", "peak_rss_mb", "model_gflop", "mfu", "time_x_llama_nxt",
+                    "rss_x_llama_nxt", "cpu_s_median", "occupancy"):
+            assert row[key] > 0 and math.isfinite(row[key]), (name, key, row[key])
+    assert summary["rows"]["llama_nxt"]["time_x_llama_nxt"] == 1.0
+    # full unroll at T=2 has twice the loops of T=1: its model FLOPs are larger
+    assert summary["rows"]["full"]["model_gflop"] > summary["rows"]["full_t1"]["model_gflop"]
+    text = out.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| config |") and len(table) == 1 + len(configs)
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    for name, line in zip(configs, table[1:]):
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        assert cells.pop("config") == name
+        low, high = map(float, cells.pop("spread ms (min–max)").split("–"))
+        assert 0 < low <= high
+        for column, cell in cells.items():
+            if column.endswith("×Llama-N"):  # llama_n was not run
+                assert cell == "–"
+            elif "clean" in column:  # uncontended steps only: there may be none on a busy machine
+                assert cell.startswith("–") or float(cell.split(" (")[0]) > 0, (name, column, cell)
+            else:
+                assert float(cell) > 0, (name, column, cell)
+
+
+@pytest.mark.parametrize("config", ["full", "full_recompute", "full_t1", "sampled", "truncated", "random_loops",
+                                    "random_loops_stars", "llama_nxt"])
+def test_flops_match_flop_counter(config):
+    """Analytic FLOPs (model + overhead such as the read-out recompute) of the step the bench times, against
+    FlopCounterMode. SDPA runs on its math backend so that attention is counted (as bmm)."""
+    available(config)
+    torch.set_num_threads(2)
+    step, _, _ = bench._build(tiny_spec(config))
+    step(0)  # lazy initialisation outside the counter
+    for i in (1, 2):  # sampled plans vary by step
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            flops = step(i)
+        counted = counter.get_total_flops()
+        assert counted > 0
+        assert flops.hardware == pytest.approx(counted, rel=0.02), (config, i, flops.parts)
+        assert flops.model <= flops.hardware
+
+
+def test_formulas():
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, d_ff=64, n_loops=3)
+    B, S = 2, 32
+    f = looplm_plan_flops(cfg, B, S, fused=False)
+    assert f.overhead == 2 * 32 * 512 * B * S * 3  # one recomputed read-out forward per loop
+    assert f.parts["readout"] == 3 * f.overhead
+    assert looplm_plan_flops(cfg, B, S, fused=True).overhead == 0
+    llama = llama_step_flops(32, 6, 4, 4, 64, 512, B, S)
+    # same body FLOPs as N x T Llama layers; three more read-outs
+    assert f.parts["body"] == llama.parts["body"]
+    assert f.parts["readout"] == 3 * llama.parts["readout"]
+
+
+def test_targets_are_evaluated():
+    rows = {"full": {"time_x_llama_nxt": 1.5, "rss_x_llama_nxt": 1.1, "tokens_per_s": 10.0, "mfu": 0.7,
+                     "clean_time_x_llama_nxt": 2.5, "clean_median_ms": 100.0},
+            "sampled": {"tokens_per_s": 25.0, "clean_median_ms": 40.0}}
+    got = {what: met for what, _, _, _, met, _ in bench.targets(rows)}
+    assert got == {"full-unroll step time / Llama-NxT": True, "full-unroll peak RSS / Llama-NxT": False,
+                   "sampled-step tokens/s / full-unroll": True, "full-unroll MFU vs measured matmul rate": True}
+    alt = {what: a for what, _, _, _, _, a in bench.targets(rows)}
+    assert alt["full-unroll step time / Llama-NxT"] == {"clean": 2.5}
+    assert alt["sampled-step tokens/s / full-unroll"] == {"clean": 2.5}
+
+
+def test_unknown_config_is_an_error():
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        bench.main(TINY + ["--recipes", "full,nope"])
+
