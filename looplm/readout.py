@@ -9,6 +9,9 @@ logits `chunk_size` tokens at a time:
 - `weighted_cross_entropy`: when the loss is linear in the per-token CE with coefficients known
   before the read-out (Stage I: p_t / n_tokens, once all gates are known), the gradients w.r.t.
   the hidden states and the head are formed in the same pass, and no logits are recomputed.
+
+Every elementwise step works in place on one (chunk x vocab) buffer: at vocab 49152 a fresh
+temporary per operation costs more than the matmuls around it (measured with looplm.bench).
 """
 
 import torch
@@ -27,55 +30,91 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
+def _check_chunk(chunk_size) -> int:
+    chunk_size = DEFAULT_CHUNK_TOKENS if chunk_size is None else chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of tokens")
+    return chunk_size
+
+
+class _Chunks:
+    """Chunked matmuls of one read-out: logits into a reused buffer, gradients into place."""
+
+    def __init__(self, weight, n, chunk_size, dtype):
+        self.w, self.dtype, self.acc = weight.to(dtype), dtype, _accumulate_dtype(dtype)
+        self.size, self.n = chunk_size, n
+        self.same = dtype == self.acc  # bf16 compute: float32 statistics need a cast copy
+        self.buf = torch.empty(min(chunk_size, n), weight.shape[0], dtype=self.acc, device=weight.device) \
+            if self.same else None
+
+    def __iter__(self):
+        for start in range(0, self.n, self.size):
+            yield start, min(start + self.size, self.n)
+
+    def logits(self, hc):
+        if self.same:
+            return torch.mm(hc, self.w.T, out=self.buf[: hc.shape[0]])
+        return torch.mm(hc.to(self.dtype), self.w.T).to(self.acc)
+
+    def grad_h_into(self, g, out):
+        if self.same and out.dtype == self.dtype:
+            torch.mm(g, self.w, out=out)
+        else:
+            out.copy_(g.to(self.dtype) @ self.w)
+
+    def add_grad_w(self, grad_w, g, hc):
+        if self.same and hc.dtype == self.dtype:
+            grad_w.addmm_(g.T, hc)
+        else:
+            grad_w += (g.to(self.dtype).T @ hc.to(self.dtype)).to(grad_w.dtype)
+
+
+def _softmax_stats(logits, targets, valid):
+    """CE, argmax-correctness and log-sum-exp of one chunk; leaves exp(logits - max) in `logits`
+    and returns its row sums."""
+    top, idx = logits.max(dim=-1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target_logit = logits[rows, torch.where(valid, targets, 0)]
+    sums = logits.sub_(top[:, None]).exp_().sum(-1)
+    lse = top + sums.log()
+    return torch.where(valid, lse - target_logit, 0.0), (idx == targets) & valid, lse, sums
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, dtype):
-        w = weight.to(dtype)
-        n = h.shape[0]
-        acc = _accumulate_dtype(dtype)
-        ce = torch.zeros(n, dtype=acc, device=h.device)
-        lse = torch.zeros(n, dtype=acc, device=h.device)
-        correct = torch.zeros(n, dtype=torch.bool, device=h.device)
+        chunks = _Chunks(weight, h.shape[0], chunk_size, dtype)
+        ce = torch.empty(h.shape[0], dtype=chunks.acc, device=h.device)
+        lse = torch.empty_like(ce)
+        correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
         valid = targets != IGNORE_INDEX
-        safe_targets = torch.where(valid, targets, 0)
         with torch.autocast(h.device.type, enabled=False):
-            for s, e in _chunks(n, chunk_size):
-                logits = (h[s:e].to(dtype) @ w.T).to(acc)
-                lse[s:e] = torch.logsumexp(logits, dim=-1)
-                target_logit = logits.gather(1, safe_targets[s:e, None]).squeeze(1)
-                ce[s:e] = torch.where(valid[s:e], lse[s:e] - target_logit, 0.0)
-                correct[s:e] = (logits.argmax(dim=-1) == targets[s:e]) & valid[s:e]
-        ctx.save_for_backward(h, weight, safe_targets, valid, lse)
+            for s, e in chunks:
+                ce[s:e], correct[s:e], lse[s:e], _ = _softmax_stats(chunks.logits(h[s:e]), targets[s:e], valid[s:e])
+        ctx.save_for_backward(h, weight, targets, valid, lse)
         ctx.chunk_size, ctx.dtype = chunk_size, dtype
         ctx.mark_non_differentiable(correct)
         return ce, correct
 
     @staticmethod
     def backward(ctx, grad_ce, _grad_correct):
-        h, weight, safe_targets, valid, lse = ctx.saved_tensors
-        dtype = ctx.dtype
-        w = weight.to(dtype)
-        acc = _accumulate_dtype(dtype)
+        h, weight, targets, valid, lse = ctx.saved_tensors
+        chunks = _Chunks(weight, h.shape[0], ctx.chunk_size, ctx.dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
-        scale = torch.where(valid, grad_ce.to(acc), 0.0)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=chunks.acc, device=weight.device) if want_w else None
+        scale = torch.where(valid, grad_ce.to(chunks.acc), 0.0)
+        safe_targets = torch.where(valid, targets, 0)
         with torch.autocast(h.device.type, enabled=False):
-            for s, e in _chunks(h.shape[0], ctx.chunk_size):
-                hc = h[s:e].to(dtype)
+            for s, e in chunks:
                 # d ce / d logits = softmax - onehot(target), scaled by the incoming gradient
-                g = torch.exp((hc @ w.T).to(acc) - lse[s:e, None])
+                g = chunks.logits(h[s:e]).sub_(lse[s:e, None]).exp_()
                 g[torch.arange(e - s, device=g.device), safe_targets[s:e]] -= 1.0
-                g = (g * scale[s:e, None]).to(dtype)
+                g.mul_(scale[s:e, None])
                 if want_h:
-                    grad_h[s:e] = (g @ w).to(h.dtype)
+                    chunks.grad_h_into(g, grad_h[s:e])
                 if want_w:
-                    grad_w += (g.T @ hc).to(acc)
+                    chunks.add_grad_w(grad_w, g, h[s:e])
         return grad_h, (grad_w.to(weight.dtype) if want_w else None), None, None, None
 
 
@@ -86,9 +125,7 @@ def linear_cross_entropy(h, weight, targets, chunk_size: int | None = None):
     Equal in value and gradient (w.r.t. h and weight) to `F.cross_entropy(lm_head(h), targets,
     reduction="none")`; tests check that in float64.
     """
-    chunk_size = DEFAULT_CHUNK_TOKENS if chunk_size is None else chunk_size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of tokens")
+    chunk_size = _check_chunk(chunk_size)
     shape = targets.shape
     ce, correct = _LinearCrossEntropy.apply(
         h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), chunk_size, _compute_dtype(h))
@@ -96,30 +133,24 @@ def linear_cross_entropy(h, weight, targets, chunk_size: int | None = None):
 
 
 @torch.no_grad()
-def _weighted_ce_and_grads(h, weight, targets, coeff, chunk_size, dtype, grad_w):
+def _weighted_ce_and_grads(h, chunks, targets, coeff, grad_w, want_h):
     """CE and argmax-correctness per token, and the gradients of sum(coeff * CE): returns grad_h
-    and adds grad_W into `grad_w`."""
-    w = weight.to(dtype)
-    n, acc = h.shape[0], _accumulate_dtype(dtype)
-    ce = torch.zeros(n, dtype=acc, device=h.device)
-    correct = torch.zeros(n, dtype=torch.bool, device=h.device)
-    grad_h = torch.empty_like(h)
+    (None unless want_h) and adds grad_W into `grad_w`."""
+    ce = torch.empty(h.shape[0], dtype=chunks.acc, device=h.device)
+    correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
+    grad_h = torch.empty_like(h) if want_h else None
     valid = targets != IGNORE_INDEX
+    scale = torch.where(valid, coeff.to(chunks.acc), 0.0)
     safe_targets = torch.where(valid, targets, 0)
-    scale = torch.where(valid, coeff.to(acc), 0.0)
     with torch.autocast(h.device.type, enabled=False):
-        for s, e in _chunks(n, chunk_size):
-            hc = h[s:e].to(dtype)
-            logits = (hc @ w.T).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            rows = torch.arange(e - s, device=h.device)
-            ce[s:e] = torch.where(valid[s:e], lse - logits[rows, safe_targets[s:e]], 0.0)
-            correct[s:e] = (logits.argmax(dim=-1) == targets[s:e]) & valid[s:e]
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g[rows, safe_targets[s:e]] -= 1.0
-            g = g.mul_(scale[s:e, None]).to(dtype)
-            grad_h[s:e] = (g @ w).to(h.dtype)
-            grad_w += (g.T @ hc).to(grad_w.dtype)
+        for s, e in chunks:
+            g = chunks.logits(h[s:e])
+            ce[s:e], correct[s:e], _, sums = _softmax_stats(g, targets[s:e], valid[s:e])
+            g.mul_((scale[s:e] / sums)[:, None])  # exp(logits - max) -> softmax * coefficient
+            g[torch.arange(e - s, device=g.device), safe_targets[s:e]] -= scale[s:e]
+            if want_h:
+                chunks.grad_h_into(g, grad_h[s:e])
+            chunks.add_grad_w(grad_w, g, h[s:e])
     return ce, correct, grad_h
 
 
@@ -129,21 +160,25 @@ def weighted_cross_entropy(states, weight, targets, coeffs, chunk_size: int | No
 
     states: list of (..., d) hidden states; coeffs: list of detached tensors shaped like targets.
     Add the returned tensor to a loss that uses the CE values only as constants (detached); the
-    two together have exactly the gradient of the loss with the CE terms differentiated.
+    two together have exactly the gradient of the loss with the CE terms differentiated. A state
+    that needs no gradient (a no-grad loop of a truncated window) gets none formed.
     """
-    chunk_size = DEFAULT_CHUNK_TOKENS if chunk_size is None else chunk_size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of tokens")
+    chunk_size = _check_chunk(chunk_size)
     flat_targets = targets.reshape(-1)
-    dtype = _compute_dtype(states[0])
-    grad_w = torch.zeros(weight.shape, dtype=_accumulate_dtype(dtype), device=weight.device)
-    ces, corrects, surrogate = [], [], 0.0
+    chunks = _Chunks(weight, flat_targets.shape[0], chunk_size, _compute_dtype(states[0]))
+    grad_w = torch.zeros(weight.shape, dtype=chunks.acc, device=weight.device)
+    ces, corrects, carrier = [], [], 0.0
     for h, c in zip(states, coeffs):
         flat_h = h.reshape(-1, h.shape[-1])
-        ce, correct, grad_h = _weighted_ce_and_grads(flat_h, weight, flat_targets, c.detach().reshape(-1),
-                                                     chunk_size, dtype, grad_w)
+        want_h = flat_h.requires_grad
+        ce, correct, grad_h = _weighted_ce_and_grads(flat_h, chunks, flat_targets, c.detach().reshape(-1),
+                                                     grad_w, want_h)
         ces.append(ce.view(targets.shape))
         corrects.append(correct.view(targets.shape))
-        surrogate = surrogate + (flat_h * grad_h).sum()
-    surrogate = surrogate + (weight * grad_w.to(weight.dtype)).sum()
-    return ces, corrects, surrogate - surrogate.detach()
+        if want_h:
+            carrier = carrier + (flat_h * grad_h).sum()
+    if weight.requires_grad:
+        carrier = carrier + (weight * grad_w.to(weight.dtype)).sum()
+    if not isinstance(carrier, torch.Tensor):
+        carrier = torch.zeros((), dtype=chunks.acc, device=weight.device)
+    return ces, corrects, carrier - carrier.detach()
