@@ -107,11 +107,11 @@ def test_weighted_expectation_is_the_reweighted_objective():
 
 
 class Counting:
-    """Wraps a model's recurrence and token_loss to record what ran."""
+    """Wraps a model's recurrence and read-outs (both kinds) to record what ran."""
 
     def __init__(self, model):
         self.loops, self.readouts = [], []
-        recurrence, token_loss = model.recurrence, model.token_loss
+        recurrence, token_loss, weighted = model.recurrence, model.token_loss, model.weighted_token_loss
 
         def counted_recurrence(x, ctx, loop=0):
             self.loops.append(loop + 1)
@@ -121,7 +121,12 @@ class Counting:
             self.readouts.append(state)
             return token_loss(state, targets, chunk_size)
 
-        model.recurrence, model.token_loss = counted_recurrence, counted_token_loss
+        def counted_weighted(states, targets, coeffs, chunk_size=None):
+            self.readouts.extend(states)
+            return weighted(states, targets, coeffs, chunk_size)
+
+        model.recurrence, model.token_loss, model.weighted_token_loss = (
+            counted_recurrence, counted_token_loss, counted_weighted)
 
 
 def test_only_loops_up_to_t_run_and_only_loop_t_is_read_out():
@@ -136,7 +141,7 @@ def test_only_loops_up_to_t_run_and_only_loop_t_is_read_out():
         assert len(counter.readouts) == 1 and counter.readouts[0].shape == (2, 8, model.cfg.d_model)
         assert metrics["sampled_loop"] == t and metrics["q_t"] == pytest.approx(1 / 6)
         seen.add(t)
-        del model.recurrence, model.token_loss  # back to the class methods
+        del model.recurrence, model.token_loss, model.weighted_token_loss  # back to the class methods
     assert len(seen) > 2  # different steps draw different loops
 
 
@@ -147,7 +152,7 @@ def test_read_out_state_is_loop_t():
     q = UniformProposal().probs(4, 0)
     counter = Counting(model)
     forced_loss(model, b, est, UniformPrior(), 4, q, t=plan_t)
-    del model.recurrence, model.token_loss
+    del model.recurrence, model.token_loss, model.weighted_token_loss
     with torch.no_grad():
         traj = model(b.input_ids, n_loops=4)
     torch.testing.assert_close(counter.readouts[0].detach(), traj.states[plan_t - 1])

@@ -306,15 +306,22 @@ class SampledStep(LossEstimator):
             t = plan.extra["t"]
             groups = [(t, None)]
             gates = ro.gate_logits(upto=t)
-        total, n_tok = 0.0, ro.mask.sum().clamp_min(1)
+        total, carrier, n_tok = 0.0, 0.0, ro.mask.sum().clamp_min(1)
         ce_sum = acc_sum = 0.0
         observed = []
         for t, rows in groups:
-            ce, correct = ro.ce(t, rows=rows)
             mask = ro.mask if rows is None else ro.mask[rows]
             g = gates if rows is None else gates[rows]
             log_p = log_exit_probs(g[..., :t], T)
             qt, wt = float(q[t - 1]), float(w[t - 1])
+            if rows is None and torch.is_grad_enabled():
+                # linear in CE_t with known coefficients: read-out gradients formed in the forward pass
+                p_t = log_p[..., t - 1].exp().detach()
+                coeff = (wt / qt) * p_t * mask.to(p_t.dtype) / n_tok
+                ce, correct, carrier = ro.weighted_ce((t,), coeff[..., None])
+                ce, correct = ce[..., 0], correct[..., 0]
+            else:
+                ce, correct = ro.ce(t, rows=rows)
             per_token = (wt / qt) * log_p[..., t - 1].exp() * at_least_float32(ce)
             if prior.beta:
                 per_token = per_token + (prior.beta / qt) * prior.loop_terms(log_p, T)[..., t - 1]
@@ -333,7 +340,7 @@ class SampledStep(LossEstimator):
                    "sampled_ce": ce_sum / float(n_tok), "sampled_acc": acc_sum / float(n_tok),
                    "q_t": row_mean([float(q[t - 1]) for t, _ in groups]),
                    "weight": row_mean([float(w[t - 1]) for t, _ in groups])}
-        return total / n_tok, metrics
+        return total / n_tok + carrier, metrics
 
     def validate(self, recipe):
         for part in (self.proposal, self.weighting):
