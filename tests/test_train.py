@@ -59,6 +59,13 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert sum(summary["history"][-5:]) < sum(summary["history"][:5])
 
 
+def test_torch_compile_option_runs_on_cpu_and_matches_eager(tmp_path):
+    eager = run(tmp_path / "eager", steps=3)
+    compiled = run(tmp_path / "compiled", steps=3, compile=True)
+    torch.testing.assert_close(torch.tensor(compiled["history"]), torch.tensor(eager["history"]),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     checkpoint.save(path, {"step": 1})
