@@ -16,9 +16,8 @@ the optimizer count 0, as in the 6N convention and in torch.utils.flop_counter):
   - `linear_cross_entropy` (autograd, any loss): recomputes the logits in backward, one more
     2*d*V per token per read-out, counted as overhead.
   - `weighted_cross_entropy` (Stage I "fused": gradients formed in the forward pass with the
-    exit probabilities as coefficients): no recompute; it forms grad_h and grad_W whether or not
-    they are needed, so a state without grad (a truncated window's early loops) adds 2*d*V per
-    token of overhead.
+    exit probabilities as coefficients): no recompute; it forms grad_h only for states that
+    require grad and grad_W only when the head does, so it does exactly the model work.
 * Exit gate: 2*d per token per gate read, same 3x rule. Prelude layers run once per step,
   coda layers once per read-out loop.
 * Llama peer: L layers, one read-out over all S tokens (HF forms the whole logit tensor, no
@@ -102,8 +101,8 @@ def looplm_step_flops(cfg, batch: int, seq_len: int, run_loops: int, first_grad_
     for r in readouts:
         fwd = 2.0 * d * V * r.tokens
         bwd = fwd * (int(r.input_grad) + int(r.weight_grad))
-        if r.fused:  # both grads are always formed
-            f.add("readout", fwd + bwd, overhead=2 * fwd - bwd)
+        if r.fused:  # the needed grads are formed in the forward pass: no overhead
+            f.add("readout", fwd + bwd)
         else:  # logits recomputed in backward, when there is a backward
             f.add("readout", fwd + bwd, overhead=fwd if (r.input_grad or r.weight_grad) else 0.0)
     for g in gates:

@@ -104,3 +104,12 @@ def slurm_cluster():
             pytest.fail(f"local Slurm cluster did not stop (files in {cluster_dir}):\n"
                         f"{stop.stdout}{stop.stderr}")
         shutil.rmtree(cluster_dir)
+
+
+def poll(condition, timeout: float, what: str) -> None:
+    """Wait for condition() to hold, checking every 0.2 s; TimeoutError naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout}s")
+        time.sleep(0.2)

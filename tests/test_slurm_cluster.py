@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from slurm_cluster import poll
 
 pytestmark = pytest.mark.slurm
 
@@ -28,14 +29,6 @@ touch trap_ready
 sleep 100 &
 wait
 """
-
-
-def poll(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout}s")
-        time.sleep(0.2)
 
 
 def test_array_then_dependent_job(slurm_cluster, tmp_path):  # noqa: F811

@@ -3,11 +3,11 @@ a tiny override, and a task pre-empted mid-run that requeues itself and resumes 
 Aim run."""
 
 import csv
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from slurm_cluster import poll
 
 from looplm import sweep as sw
 
@@ -39,14 +39,6 @@ def collect_job(tmp: Path, array_id: str) -> str:
     poll(marker.exists, 60, "the collect job submitted by the array's first task")
     poll(lambda: marker.read_text().strip() != "", 10, "the collect job id")
     return marker.read_text().strip()
-
-
-def poll(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout}s")
-        time.sleep(0.2)
 
 
 def metric_steps(repo: Path) -> dict[str, dict]:
