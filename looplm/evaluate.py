@@ -7,7 +7,7 @@ loops yields the metrics of every loop count 1..max_loops (depth extrapolation i
 import torch
 
 from looplm.data.batch import exact_match
-from looplm.objectives import entropy, log_exit_probs
+from looplm.objectives import entropy, log_exit_probs, q_exit_loop
 
 
 @torch.no_grad()
@@ -47,3 +47,38 @@ def evaluate(model, task, max_loops: int, batch_size: int = 256, max_batches: in
             "exact_match": (matched / n_units).tolist(), "exit_p": exit_p.tolist(),
             "exit_mean": float((exit_p * torch.arange(1, T + 1)).sum()),
             "entropy": exit_entropy / n_tokens}
+
+
+@torch.no_grad()
+def q_exit_frontier(model, task, qs=(0.1, 0.3, 0.5, 0.7, 0.9, 1.0), batch_size: int = 256,
+                    max_batches: int | None = None) -> list[dict]:
+    """Accuracy against compute under Ouro's Q-exit: for each q, every token exits at the first
+    loop whose exit CDF reaches q (looplm.objectives.q_exit_loop) and is scored there.
+
+    Returns one dict per q: token accuracy at the exit loop and the mean exit loop, over supervised
+    tokens, at the model's trained T. Comparing the frontier before and after Stage II shows what
+    the gate training buys (Ouro, Figure 5)."""
+    was_training = model.training
+    model.eval()
+    T = model.cfg.n_loops
+    correct_sum = torch.zeros(len(qs), dtype=torch.float64)
+    loops_sum = torch.zeros(len(qs), dtype=torch.float64)
+    n_tokens = 0
+    for i, batch in enumerate(task.eval_batches(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = batch.to(model.embed.weight.device)
+        traj = model(batch.input_ids, n_loops=T, doc_ids=batch.doc_ids)
+        mask = batch.targets != -100
+        correct = torch.stack([model.token_loss(traj.states[t], batch.targets)[1] for t in range(T)], -1)
+        gates = torch.stack([model.exit_logits(traj.gate_inputs[t]) for t in range(T)], -1)
+        for j, q in enumerate(qs):
+            exit_loop = q_exit_loop(gates, q)  # (B, S), 1-based
+            at_exit = correct.gather(-1, (exit_loop - 1).unsqueeze(-1)).squeeze(-1)
+            correct_sum[j] += at_exit[mask].sum().item()
+            loops_sum[j] += exit_loop[mask].sum().item()
+        n_tokens += mask.sum().item()
+    model.train(was_training)
+    n_tokens = max(n_tokens, 1)
+    return [{"q": q, "acc": float(correct_sum[j] / n_tokens), "mean_loops": float(loops_sum[j] / n_tokens)}
+            for j, q in enumerate(qs)]
