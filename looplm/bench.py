@@ -89,6 +89,9 @@ CONFIGS = {
     "full_t1": ConfigSpec("looplm", "Recipe() at T=1", _recipe(), loops=1),
     "sampled": ConfigSpec("looplm", "SampledStep estimator",
                           _recipe(estimator=lambda cfg: _variant("variants.sampled_step", "SampledStep")())),
+    "sampled_seq": ConfigSpec("looplm", "SampledStep(per_sequence=True): one loop per row, all T run",
+                              _recipe(estimator=lambda cfg: _variant("variants.sampled_step", "SampledStep")(
+                                  per_sequence=True))),
     "truncated": ConfigSpec("looplm", "LastLoops(k=1) window (Stage I loss, only the last loop keeps a graph)",
                             _recipe(window=_last_loops)),
     "random_loops": ConfigSpec("looplm", "UniformLoops(1, 2T-1) loop count (mean T), full backprop, Stage I",

@@ -100,16 +100,28 @@ class Readouts:
         self.mask = batch.targets != IGNORE_INDEX
         self._ce = {}
 
-    def ce(self, t: int, rows=None):
-        """(ce, correct) of loop t, each (B, S) or (len(rows), S)."""
-        key = (t, None if rows is None else tuple(rows.tolist()))
+    def state(self, loop):
+        """The read-out input of `loop`: a 1-based loop number, or a (B,) LongTensor giving every
+        row its own loop (rows gathered from their loops' states, differentiably)."""
+        if not isinstance(loop, torch.Tensor):
+            return self._kept(int(loop))
+        distinct = torch.unique(loop).tolist()
+        if len(distinct) == 1:
+            return self._kept(distinct[0])
+        rows = [torch.nonzero(loop == t).squeeze(1) for t in distinct]
+        gathered = torch.cat([self._kept(t)[r.to(self.mask.device)] for t, r in zip(distinct, rows)])
+        return gathered[torch.argsort(torch.cat(rows)).to(gathered.device)]
+
+    def _kept(self, t: int):
+        if not 1 <= t <= len(self.traj.states) or self.traj.states[t - 1] is None:
+            raise RuntimeError(f"loop {t} was not kept; the estimator's plan must list it in readout")
+        return self.traj.states[t - 1]
+
+    def ce(self, t):
+        """(ce, correct) of loop t (an int, or per-row loops as for `state`), each (B, S)."""
+        key = t if not isinstance(t, torch.Tensor) else tuple(t.tolist())
         if key not in self._ce:
-            state, targets = self.traj.states[t - 1], self.batch.targets
-            if state is None:
-                raise RuntimeError(f"loop {t} was not kept; the estimator's plan must list it in readout")
-            if rows is not None:
-                state, targets = state[rows], targets[rows]
-            self._ce[key] = self.model.token_loss(state, targets)
+            self._ce[key] = self.model.token_loss(self.state(t), self.batch.targets)
         return self._ce[key]
 
     def ce_all(self, loops=None):
@@ -120,10 +132,10 @@ class Readouts:
     def weighted_ce(self, loops, coeffs):
         """(ce, correct), each (B, S, len(loops)) and detached, and a zero-valued tensor carrying
         the gradient of `sum_t sum_i coeffs[..., t] CE_t`: for losses linear in the CE whose
-        coefficients (detached) are known before the read-out; no logits are recomputed."""
-        states = [self.traj.states[t - 1] for t in loops]
+        coefficients (detached) are known before the read-out; no logits are recomputed. An entry
+        of `loops` may be per-row loops, as for `state`."""
         ces, corrects, carrier = self.model.weighted_token_loss(
-            states, self.batch.targets, [coeffs[..., i] for i in range(len(loops))])
+            [self.state(t) for t in loops], self.batch.targets, [coeffs[..., i] for i in range(len(loops))])
         return torch.stack(ces, -1), torch.stack(corrects, -1), carrier
 
     def gate_logits(self, upto: int | None = None) -> torch.Tensor:

@@ -158,6 +158,23 @@ def test_read_out_state_is_loop_t():
     torch.testing.assert_close(counter.readouts[0].detach(), traj.states[plan_t - 1])
 
 
+def test_per_sequence_reads_every_row_once_at_its_own_loop():
+    """One fused read-out over the whole batch: row b's read-out input is its loop's state."""
+    model, b = tiny(), batch(B=4)
+    rows = [3, 1, 3, 2]
+    q = UniformProposal().probs(4, 0)
+    counter = Counting(model)
+    loss = forced_loss(model, b, SampledStep(per_sequence=True), UniformPrior(), 4, q, rows=rows)
+    del model.recurrence, model.token_loss, model.weighted_token_loss
+    assert len(counter.readouts) == 1 and counter.readouts[0].shape == (4, 8, model.cfg.d_model)
+    with torch.no_grad():
+        traj = model(b.input_ids, n_loops=4)
+    for r, t in enumerate(rows):
+        torch.testing.assert_close(counter.readouts[0][r].detach(), traj.states[t - 1][r])
+    loss.backward()  # the gathered rows pass their gradients back to the loops they came from
+    assert all(p.grad is not None for p in model.layers.parameters())
+
+
 def test_draws_follow_q_and_agree_across_ranks():
     q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     est = SampledStep(proposal=FixedScheduleProposal(q.tolist()))

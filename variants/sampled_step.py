@@ -30,9 +30,9 @@ Notes on the composition with other families:
   (`Readouts.gate_logits` reads `traj.gate_inputs`, kept only for planned loops). Only loop t
   goes through the LM head.
 - `per_sequence=True` draws t independently for every row. The plan is made before the batch is
-  seen (`LossEstimator.plan` gets no batch size), so it runs all T loops and keeps them; rows are
-  then grouped by their t and each group reads out only its own loop. A backprop window then
-  counts back from T, not from each row's t.
+  seen (`LossEstimator.plan` gets no batch size), so it runs all T loops and keeps them; every row
+  is then read out once, at its own loop, in one fused read-out over the whole batch. A backprop
+  window then counts back from T, not from each row's t.
 - A truncated window (variants.truncated) counts back from the sampled loop t.
 """
 
@@ -296,51 +296,39 @@ class SampledStep(LossEstimator):
         loops that replaces the seeded per-row draw (the tests force draws this way)."""
         T, q = plan.n_loops, plan.extra["q"]
         w = self.weighting.weights(q, T)
+        n_rows = ro.batch.targets.shape[0]
         if self.per_sequence:
             loops = plan.extra.get("rows")
-            if loops is None:
-                loops = self.row_loops(plan, ro.batch.targets.shape[0])
-            groups = [(int(t), torch.nonzero(loops == t).squeeze(1)) for t in torch.unique(loops)]
-            gates = ro.gate_logits(upto=max(t for t, _ in groups))
+            loops = self.row_loops(plan, n_rows) if loops is None else loops
         else:
-            t = plan.extra["t"]
-            groups = [(t, None)]
-            gates = ro.gate_logits(upto=t)
-        total, carrier, n_tok = 0.0, 0.0, ro.mask.sum().clamp_min(1)
-        ce_sum = acc_sum = 0.0
-        observed = []
-        for t, rows in groups:
-            mask = ro.mask if rows is None else ro.mask[rows]
-            g = gates if rows is None else gates[rows]
-            log_p = log_exit_probs(g[..., :t], T)
-            qt, wt = float(q[t - 1]), float(w[t - 1])
-            if rows is None and torch.is_grad_enabled():
-                # linear in CE_t with known coefficients: read-out gradients formed in the forward pass
-                p_t = log_p[..., t - 1].exp().detach()
-                coeff = (wt / qt) * p_t * mask.to(p_t.dtype) / n_tok
-                ce, correct, carrier = ro.weighted_ce((t,), coeff[..., None])
-                ce, correct = ce[..., 0], correct[..., 0]
-            else:
-                ce, correct = ro.ce(t, rows=rows)
-            per_token = (wt / qt) * log_p[..., t - 1].exp() * at_least_float32(ce)
-            if prior.beta:
-                per_token = per_token + (prior.beta / qt) * prior.loop_terms(log_p, T)[..., t - 1]
-            m = mask.to(per_token.dtype)
-            total = total + (per_token * m).sum()
-            ce_sum += float((ce.detach() * m).sum())
-            acc_sum += float((correct.float() * m).sum())
-            observed.append((t, float((ce.detach() * m).sum() / m.sum().clamp_min(1)), m.sum() > 0))
-        for t, mean_ce, has_tokens in observed:
-            if has_tokens:
-                self.weighting.observe(t, mean_ce)
-        n_rows = ro.batch.targets.shape[0]
-        sizes = [n_rows if rows is None else len(rows) for _, rows in groups]
-        row_mean = lambda values: sum(v * n for v, n in zip(values, sizes)) / n_rows  # noqa: E731
-        metrics = {"sampled_loop": row_mean([t for t, _ in groups]),
-                   "sampled_ce": ce_sum / float(n_tok), "sampled_acc": acc_sum / float(n_tok),
-                   "q_t": row_mean([float(q[t - 1]) for t, _ in groups]),
-                   "weight": row_mean([float(w[t - 1]) for t, _ in groups])}
-        return total / n_tok + carrier, metrics
+            loops = torch.full((n_rows,), plan.extra["t"], dtype=torch.long)
+        log_p_upto = log_exit_probs(ro.gate_logits(upto=int(loops.max())), T)  # p_t needs gates 1..t only
+        device, dtype = log_p_upto.device, log_p_upto.dtype
+        at_loop = (loops.to(device) - 1)[:, None, None].expand(*ro.mask.shape, 1)
+        log_p = log_p_upto.gather(-1, at_loop).squeeze(-1)  # (B, S): each row's own p_t
+        ratio = (w / q).to(device, dtype)[loops - 1][:, None]  # w_t / q_t per row
+        mask = ro.mask.to(dtype)
+        n_tok = ro.mask.sum().clamp_min(1)
+        if torch.is_grad_enabled():
+            # linear in CE_t with known coefficients: read-out gradients formed in the forward pass
+            coeff = (ratio * log_p.exp()).detach() * mask / n_tok
+            ce, correct, carrier = ro.weighted_ce((loops,), coeff[..., None])
+            ce, correct = ce[..., 0], correct[..., 0]
+        else:
+            (ce, correct), carrier = ro.ce(loops), 0.0
+        per_token = ratio * log_p.exp() * at_least_float32(ce)
+        if prior.beta:
+            prior_t = prior.loop_terms(log_p_upto, T).gather(-1, at_loop).squeeze(-1)
+            per_token = per_token + prior.beta * prior_t / q.to(device, dtype)[loops - 1][:, None]
+        ce, correct = ce.detach() * mask, correct.to(dtype) * mask
+        for t in torch.unique(loops).tolist():
+            rows = (loops == t).to(device)
+            if ro.mask[rows].any():
+                self.weighting.observe(t, float(ce[rows].sum() / mask[rows].sum()))
+        metrics = {"sampled_loop": loops.double().mean().item(),
+                   "sampled_ce": float(ce.sum() / n_tok), "sampled_acc": float(correct.sum() / n_tok),
+                   "q_t": q[loops - 1].mean().item(), "weight": w[loops - 1].mean().item()}
+        return (per_token * mask).sum() / n_tok + carrier, metrics
 
     def validate(self, recipe):
         for part in (self.proposal, self.weighting):
