@@ -468,7 +468,7 @@ def _check_interface(cand: Candidate) -> list[str]:
         for n in (1, 2, 3):
             for s in (0, 1, 5):
                 try:
-                    run, readout, extra = p.plan(n, s, SEED)
+                    run, readout, extra = p.plan(n, s, SEED, BATCH_SHAPE[0])
                 except ValueError:
                     continue  # it may reject a T (say so at run time)
                 if isinstance(run, bool) or not isinstance(run, int) or run < 1:
@@ -628,11 +628,11 @@ def _prop_unbiased(cand: Candidate, base: dict) -> str | None:
     if hasattr(est, "plan_outcomes"):
         outcomes = list(est.plan_outcomes(T, step, SEED, B))
     else:
-        plans = {repr(est.plan(T, step, s)) for s in range(5)}
+        plans = {repr(est.plan(T, step, s, B)) for s in range(5)}
         if len(plans) > 1:
             return ("declares unbiased_for_stage1 but its plan depends on the seed and it has no "
                     "plan_outcomes(n_loops, step, seed, batch_size) to enumerate its draws")
-        outcomes = [(1.0, est.plan(T, step, SEED))]
+        outcomes = [(1.0, est.plan(T, step, SEED, B))]
     total = sum(float(p) for p, _ in outcomes)
     if abs(total - 1) > 1e-9:
         return f"plan_outcomes probabilities sum to {total}, not 1"

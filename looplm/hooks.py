@@ -147,9 +147,9 @@ class Readouts:
 class LossEstimator(Plugin):
     trains = "all"  # "gate": only the exit gate is trained (Ouro Stage II)
 
-    def plan(self, n_loops: int, step: int, seed: int) -> tuple[int, tuple, dict]:
+    def plan(self, n_loops: int, step: int, seed: int, batch_size: int) -> tuple[int, tuple, dict]:
         """(loops to run, loops to read out, extra) for a step whose exit distribution has
-        n_loops loops."""
+        n_loops loops, over a (micro-)batch of batch_size rows."""
         raise NotImplementedError
 
     def loss(self, ro: Readouts, plan: Plan, prior: ExitPrior) -> tuple[torch.Tensor, dict]:

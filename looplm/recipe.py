@@ -74,7 +74,7 @@ class ExitWeighted(LossEstimator):
             raise ValueError(f"ExitWeighted.readout={readout!r}; choose 'fused' or 'recompute'")
         self.readout = readout
 
-    def plan(self, n_loops, step, seed):
+    def plan(self, n_loops, step, seed, batch_size):
         return n_loops, tuple(range(1, n_loops + 1)), {}
 
     def loss(self, ro, plan, prior):
@@ -107,7 +107,7 @@ class GateTraining(LossEstimator):
             raise ValueError("stage2_gate freezes the LM, so trajectory regularizers cannot act; "
                              "remove Recipe.regularizers")
 
-    def plan(self, n_loops, step, seed):
+    def plan(self, n_loops, step, seed, batch_size):
         return n_loops, tuple(range(1, n_loops + 1)), {}
 
     def loss(self, ro, plan, prior):
@@ -166,15 +166,15 @@ class Recipe:
     def describe(self) -> dict:
         return {k: v.describe() for k, v in self.parts().items()}
 
-    def plan(self, step: int, n_loops: int) -> Plan:
+    def plan(self, step: int, n_loops: int, batch_size: int) -> Plan:
         T = self.loop_count.sample(step, n_loops, self.seed)
-        run, readout, extra = self.estimator.plan(T, step, self.seed)
+        run, readout, extra = self.estimator.plan(T, step, self.seed, batch_size)
         first_grad = run + 1 if self.estimator.trains == "gate" else self.window.first_grad_loop(step, run)
         return Plan(n_loops=T, run_loops=run, first_grad_loop=first_grad, readout=readout, extra=extra)
 
     def loss(self, model, batch, step: int):
         """Forward, read out and combine: the loss of one micro-batch and its metrics."""
-        plan = self.plan(step, model.cfg.n_loops)
+        plan = self.plan(step, model.cfg.n_loops, batch.input_ids.shape[0])
         traj = model(batch.input_ids, n_loops=plan.run_loops, doc_ids=batch.doc_ids,
                      first_grad_loop=plan.first_grad_loop, keep=plan.readout)
         loss, metrics = self.estimator.loss(Readouts(model, traj, batch, plan.n_loops), plan, self.prior)

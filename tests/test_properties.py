@@ -427,7 +427,7 @@ def test_stage2_gate_with_a_loop_count_that_can_draw_one_loop():
     except ValueError:
         return  # rejected at config time: fine
     model = tiny_model(0)
-    assert recipe.plan(0, model.cfg.n_loops).n_loops == 1  # step 0 draws T = 1
+    assert recipe.plan(0, model.cfg.n_loops, batch_size=2).n_loops == 1  # step 0 draws T = 1
     loss, _ = recipe.loss(model, random_batch(0, 2, 5), 0)
     assert torch.isfinite(loss)
 
@@ -518,7 +518,7 @@ def enumerate_sampled_step(model, b, est, prior, T, q):
     exp_loss, exp_grads = 0.0, [torch.zeros_like(p) for p in params]
     qt = torch.tensor(q, dtype=F64)
     if est.per_sequence:
-        draws = [(math.prod(q[t - 1] for t in rows), T, {"rows": torch.tensor(rows)})
+        draws = [(math.prod(q[t - 1] for t in rows), max(rows), {"rows": torch.tensor(rows)})
                  for rows in itertools.product(range(1, T + 1), repeat=b.input_ids.shape[0])]
     else:
         draws = [(q[t - 1], t, {"t": t}) for t in range(1, T + 1)]
@@ -618,12 +618,11 @@ def test_step_proposals_and_draws_stay_in_their_bounds(T, step, seed, B, total_s
             assert (q >= floor / T * (1 - 1e-9)).all()
         for per_sequence in (False, True):
             est = SampledStep(proposal, per_sequence=per_sequence)
-            run, readout, extra = est.plan(T, step, seed)
+            run, readout, extra = est.plan(T, step, seed, B)
             if per_sequence:
-                assert run == T and readout == tuple(range(1, T + 1))
-                plan = Plan(T, run, 1, readout, extra)
-                rows = est.row_loops(plan, B)
+                rows = extra["rows"]
                 assert rows.shape == (B,) and ((rows >= 1) & (rows <= T)).all()
+                assert run == int(rows.max()) and readout == tuple(range(1, run + 1))
             else:
                 assert 1 <= extra["t"] <= T and run == extra["t"] and readout == tuple(range(1, run + 1))
 

@@ -41,7 +41,7 @@ def forced_loss(model, b, est, prior, T, q, t=None, rows=None):
         run = t
     else:
         extra["rows"] = torch.tensor(rows)
-        run = T
+        run = max(rows)
     plan = Plan(n_loops=T, run_loops=run, first_grad_loop=1, readout=tuple(range(1, run + 1)), extra=extra)
     traj = model(b.input_ids, n_loops=run, keep=plan.readout)
     return est.loss(Readouts(model, traj, b, T), plan, prior)[0]
@@ -135,7 +135,7 @@ def test_only_loops_up_to_t_run_and_only_loop_t_is_read_out():
     seen = set()
     for step in range(12):
         counter = Counting(model)
-        t = recipe.plan(step, model.cfg.n_loops).extra["t"]
+        t = recipe.plan(step, model.cfg.n_loops, batch_size=2).extra["t"]
         loss, metrics = recipe.loss(model, b, step)
         assert counter.loops == list(range(1, t + 1))
         assert len(counter.readouts) == 1 and counter.readouts[0].shape == (2, 8, model.cfg.d_model)
@@ -159,13 +159,15 @@ def test_read_out_state_is_loop_t():
 
 
 def test_per_sequence_reads_every_row_once_at_its_own_loop():
-    """One fused read-out over the whole batch: row b's read-out input is its loop's state."""
+    """Loops up to the deepest row's run, then one fused read-out over the whole batch: row b's
+    read-out input is its own loop's state."""
     model, b = tiny(), batch(B=4)
     rows = [3, 1, 3, 2]
     q = UniformProposal().probs(4, 0)
     counter = Counting(model)
     loss = forced_loss(model, b, SampledStep(per_sequence=True), UniformPrior(), 4, q, rows=rows)
     del model.recurrence, model.token_loss, model.weighted_token_loss
+    assert counter.loops == [1, 2, 3]  # T = 4, but no row drew loop 4
     assert len(counter.readouts) == 1 and counter.readouts[0].shape == (4, 8, model.cfg.d_model)
     with torch.no_grad():
         traj = model(b.input_ids, n_loops=4)
@@ -179,14 +181,24 @@ def test_draws_follow_q_and_agree_across_ranks():
     q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
     est = SampledStep(proposal=FixedScheduleProposal(q.tolist()))
     n = 4000
-    draws = torch.tensor([est.plan(4, step, seed=7)[2]["t"] for step in range(n)])
+    draws = torch.tensor([est.plan(4, step, seed=7, batch_size=1)[2]["t"] for step in range(n)])
     freq = torch.bincount(draws - 1, minlength=4).double() / n
     se = (q * (1 - q) / n).sqrt()
     assert ((freq - q).abs() < 5 * se).all(), (freq, q)
     # another "rank" (a fresh estimator, same seed and step) draws the same; another seed differs
     other = SampledStep(proposal=FixedScheduleProposal(q.tolist()))
-    assert [other.plan(4, s, seed=7)[2]["t"] for s in range(50)] == draws[:50].tolist()
-    assert [other.plan(4, s, seed=8)[2]["t"] for s in range(50)] != draws[:50].tolist()
+    assert [other.plan(4, s, seed=7, batch_size=1)[2]["t"] for s in range(50)] == draws[:50].tolist()
+    assert [other.plan(4, s, seed=8, batch_size=1)[2]["t"] for s in range(50)] != draws[:50].tolist()
+    # per sequence: one draw per row, the same on every rank, and the step runs to the deepest
+    per_row = SampledStep(proposal=FixedScheduleProposal(q.tolist()), per_sequence=True)
+    plans = [per_row.plan(4, step, seed=7, batch_size=64) for step in range(60)]
+    rows = torch.cat([extra["rows"] for _, _, extra in plans])
+    freq = torch.bincount(rows - 1, minlength=4).double() / len(rows)
+    assert ((freq - q).abs() < 5 * (q * (1 - q) / len(rows)).sqrt()).all(), (freq, q)
+    assert all(run == int(extra["rows"].max()) for run, _, extra in plans)
+    again = SampledStep(proposal=FixedScheduleProposal(q.tolist()), per_sequence=True).plan(4, 5, 7, 64)
+    assert torch.equal(again[2]["rows"], plans[5][2]["rows"])
+    assert not torch.equal(per_row.plan(4, 5, 8, 64)[2]["rows"], plans[5][2]["rows"])
 
 
 def clts_reference(T, s, a_max, sigma_start, sigma_end, floor):
@@ -299,7 +311,7 @@ def test_bad_arguments(make, match):
 def test_fixed_schedule_length_must_match_T():
     est = SampledStep(proposal=FixedScheduleProposal([0.5, 0.5]))
     with pytest.raises(ValueError, match="T=3"):
-        est.plan(3, 0, 0)
+        est.plan(3, 0, 0, batch_size=1)
 
 
 def test_fixed_schedule_needs_a_fixed_loop_count():

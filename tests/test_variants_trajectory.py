@@ -75,7 +75,7 @@ def test_with_sampled_step_uses_the_sampled_loop():
     model, b = tiny(), batch()
     recipe = Recipe(loop_count=FixedLoops(4), estimator=SampledStep(), regularizers=[L2Limit(1.0)])
     for step in range(6):
-        t = recipe.plan(step, 4).run_loops
+        t = recipe.plan(step, 4, batch_size=2).run_loops
         _, metrics = recipe.loss(model, b, step)
         want = 0.0 if t == 1 else float(hand_term(hand_states(model, b.input_ids, t)))
         assert metrics["l2_limit"] == pytest.approx(want, rel=1e-5, abs=1e-7)
@@ -92,7 +92,7 @@ def test_single_loop_adds_nothing():
 class LastLoopOnly(ExitWeighted):
     """An estimator that keeps only the last loop (as a user's plugin might)."""
 
-    def plan(self, n_loops, step, seed):
+    def plan(self, n_loops, step, seed, batch_size):
         return n_loops, (n_loops,), {}
 
 

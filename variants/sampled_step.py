@@ -29,10 +29,9 @@ Notes on the composition with other families:
 - The plan keeps the states of loops 1..t: the exit gate needs loops 1..t to form p_t
   (`Readouts.gate_logits` reads `traj.gate_inputs`, kept only for planned loops). Only loop t
   goes through the LM head.
-- `per_sequence=True` draws t independently for every row. The plan is made before the batch is
-  seen (`LossEstimator.plan` gets no batch size), so it runs all T loops and keeps them; every row
-  is then read out once, at its own loop, in one fused read-out over the whole batch. A backprop
-  window then counts back from T, not from each row's t.
+- `per_sequence=True` draws t independently for every row; the step runs loops 1..max_b t_b and
+  every row is read out once, at its own loop, in one fused read-out over the whole batch. A
+  backprop window then counts back from that deepest loop, not from each row's t.
 - A truncated window (variants.truncated) counts back from the sampled loop t.
 """
 
@@ -257,7 +256,7 @@ class SampledStep(LossEstimator):
         if self.per_sequence:
             for rows in itertools.product(range(1, n_loops + 1), repeat=batch_size):
                 yield (math.prod(float(q[t - 1]) for t in rows),
-                       (n_loops, tuple(range(1, n_loops + 1)), extra | {"rows": torch.tensor(rows)}))
+                       (max(rows), tuple(range(1, max(rows) + 1)), extra | {"rows": torch.tensor(rows)}))
         else:
             for t in range(1, n_loops + 1):
                 yield float(q[t - 1]), (t, tuple(range(1, t + 1)), extra | {"t": t})
@@ -275,31 +274,30 @@ class SampledStep(LossEstimator):
             raise ValueError(f"SampledStep.per_sequence={per_sequence!r} must be True or False")
         self.per_sequence = per_sequence
 
-    def plan(self, n_loops, step, seed):
+    def plan(self, n_loops, step, seed, batch_size):
         q = self.proposal.probs(n_loops, step)
         if q.shape != (n_loops,) or not bool((q > 0).all()) or abs(float(q.sum()) - 1) > 1e-9:
             raise ValueError(f"{self.proposal.describe()} gave q={q.tolist()} for T={n_loops}: it must "
                              "be positive on every loop and sum to 1")
         extra = {"q": q, "seed": seed, "step": step}
-        if self.per_sequence:
-            return n_loops, tuple(range(1, n_loops + 1)), extra
+        if self.per_sequence:  # every row its own loop; run up to the deepest one drawn
+            rows = torch.multinomial(q, batch_size, replacement=True,
+                                     generator=step_generator(seed, step, "sampled_step/rows")) + 1
+            run = int(rows.max())
+            return run, tuple(range(1, run + 1)), extra | {"rows": rows}
         t = int(torch.multinomial(q, 1, generator=step_generator(seed, step, "sampled_step"))) + 1
         return t, tuple(range(1, t + 1)), extra | {"t": t}
 
-    def row_loops(self, plan, batch_size: int) -> torch.Tensor:
-        """Per-sequence draws: the loop (1-based) of every row, a function of (seed, step)."""
-        g = step_generator(plan.extra["seed"], plan.extra["step"], "sampled_step/rows")
-        return torch.multinomial(plan.extra["q"], batch_size, replacement=True, generator=g) + 1
-
     def loss(self, ro, plan, prior):
-        """plan.extra holds q, and t (per batch) or optionally `rows`, a LongTensor of per-row
-        loops that replaces the seeded per-row draw (the tests force draws this way)."""
+        """plan.extra holds q, and t (per batch) or `rows` (per sequence: a LongTensor of the
+        1-based loop of every row)."""
         T, q = plan.n_loops, plan.extra["q"]
         w = self.weighting.weights(q, T)
         n_rows = ro.batch.targets.shape[0]
         if self.per_sequence:
-            loops = plan.extra.get("rows")
-            loops = self.row_loops(plan, n_rows) if loops is None else loops
+            loops = plan.extra["rows"]
+            if loops.shape != (n_rows,):
+                raise ValueError(f"the plan drew loops for {loops.shape[0]} rows but the batch has {n_rows}")
         else:
             loops = torch.full((n_rows,), plan.extra["t"], dtype=torch.long)
         log_p_upto = log_exit_probs(ro.gate_logits(upto=int(loops.max())), T)  # p_t needs gates 1..t only

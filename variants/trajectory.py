@@ -41,7 +41,7 @@ class L2Limit(Regularizer):
                              "gate, so nothing would learn from it; remove the regularizer")
         for n_loops in (2, 3, 4):
             try:
-                run, readout, _ = est.plan(n_loops, 0, recipe.seed)
+                run, readout, _ = est.plan(n_loops, 0, recipe.seed, batch_size=1)
             except ValueError:  # the estimator does not support this T; it says so itself when used
                 continue
             if run >= 2 and not {run, run - 1} <= set(readout):
