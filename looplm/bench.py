@@ -122,7 +122,8 @@ def model_config(shape: dict):
     with the flags' overrides."""
     from looplm.config import PRESETS, ModelConfig
     base = ModelConfig(**BENCH_SHAPE) if shape["preset"] == "bench" else PRESETS[shape["preset"]]
-    overrides = {k: shape[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "n_loops")
+    overrides = {k: shape[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "n_loops",
+                                       "input_injection")
                  if shape.get(k) is not None}
     return replace(base, **overrides)
 
@@ -677,6 +678,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, dest="n_heads")
     p.add_argument("--ff", type=int, dest="d_ff")
     p.add_argument("--loops", type=int, dest="n_loops")
+    p.add_argument("--injection", dest="input_injection", help="model input injection (looplm.layers.INJECTIONS)")
     p.add_argument("--batch", type=int)
     p.add_argument("--seq", type=int)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -715,7 +717,7 @@ def main(argv=None) -> dict | None:
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     shape = {"preset": args.preset, "vocab_size": args.vocab_size, "d_model": args.d_model,
              "n_layers": args.n_layers, "n_heads": args.n_heads, "d_ff": args.d_ff, "n_loops": args.n_loops,
-             "batch": args.batch or (8 if cuda else 4), "seq": args.seq or (1024 if cuda else 256)}
+             "input_injection": args.input_injection, "batch": args.batch or (8 if cuda else 4), "seq": args.seq or (1024 if cuda else 256)}
     cfg = model_config(shape)
     base = {"shape": shape, "device": args.device, "dtype": dtype, "threads": args.threads,
             "warmup": args.warmup, "steps": args.steps, "compile": args.compile, "seed": args.seed,
@@ -723,6 +725,7 @@ def main(argv=None) -> dict | None:
     shape_text = (f"hidden {cfg.d_model}, {cfg.n_layers} layers x T={cfg.n_loops}, {cfg.n_heads} heads, "
                   f"SwiGLU {cfg.d_ff}, vocab {cfg.vocab_size}, batch {shape['batch']} x seq {shape['seq']}, "
                   f"{dtype} on {args.device}" + (f", {args.threads} threads" if not cuda else "")
+                  + (f", {cfg.input_injection} injection" if cfg.input_injection else "")
                   + (", compiled" if args.compile else ""))
     if args.profile:
         reports = [profile(base | {"config": c, "rep": 0}) for c in configs]

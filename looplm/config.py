@@ -26,6 +26,7 @@ class ModelConfig:
     n_coda: int = 0  # un-shared layers run once after the last loop (STARS)
     gate_on_normed: bool = True  # the gate reads the final-normed state (Ouro)
     carry_normed: bool = True  # the final-normed state is carried into the next loop (Ouro)
+    input_injection: str | None = None  # None: e enters loop 1 only (Ouro); see looplm.layers.INJECTIONS
     tie_head: bool = False  # Ouro's LM head is untied
     init_std: float = 0.02
 

@@ -19,7 +19,8 @@ the optimizer count 0, as in the 6N convention and in torch.utils.flop_counter):
     exit probabilities as coefficients): no recompute; it forms grad_h only for states that
     require grad and grad_W only when the head does, so it does exactly the model work.
 * Exit gate: 2*d per token per gate read, same 3x rule. Prelude layers run once per step,
-  coda layers once per read-out loop.
+  coda layers once per read-out loop. An input injection adds its own matmul per loop (Huginn's
+  concat adapter: 2 * 2d*d per token), counted with the loop.
 * Llama peer: L layers, one read-out over all S tokens (HF forms the whole logit tensor, no
   recompute); HF's rotary `inv_freq @ positions` matmul (2*B*S*hd/2 FLOPs) is ignored.
 
@@ -62,6 +63,14 @@ def _layer(cfg, seq_len):
     return mm + att
 
 
+def _injection(cfg) -> float:
+    """Forward FLOPs per token per loop of the input injection (0 without one)."""
+    if not cfg.input_injection:
+        return 0.0
+    from looplm.layers import INJECTIONS
+    return 2.0 * INJECTIONS.get(cfg.input_injection).matmul_weights(cfg)
+
+
 @dataclass
 class ReadoutCall:
     """One LM-head read-out (or exit-gate read) as it happened in a step."""
@@ -89,7 +98,7 @@ def looplm_step_flops(cfg, batch: int, seq_len: int, run_loops: int, first_grad_
     reads_grad = any(r.input_grad for r in list(readouts) + list(gates))
     last_bwd = max(kept) if (kept and reads_grad) else 0
     bwd_loops = max(0, last_bwd - first_grad_loop + 1)
-    loop_fwd = tokens * cfg.n_layers * per_layer
+    loop_fwd = tokens * (cfg.n_layers * per_layer + _injection(cfg))
     f.add("body", run_loops * loop_fwd + 2 * bwd_loops * loop_fwd)
     if cfg.n_prelude:
         mult = 3 if (first_grad_loop == 1 and bwd_loops) else 1

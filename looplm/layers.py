@@ -1,7 +1,9 @@
-"""Transformer building blocks: norms, residual placements, RoPE attention, SwiGLU, one layer.
+"""Transformer building blocks: norms, residual placements, RoPE attention, SwiGLU, one layer,
+and the optional input injection of a loop.
 
-Norm types and residual placements are registries so that the STARS norm study (variants/norms.py)
-can add its own without touching this file; Ouro's RMSNorm + sandwich_branch live here.
+Norm types, residual placements and injections are registries so that the STARS norm study
+(variants/norms.py) can add its own without touching this file; Ouro's RMSNorm + sandwich_branch
+live here.
 """
 
 import torch
@@ -13,6 +15,7 @@ from looplm.registry import Registry
 
 NORMS = Registry("norm type")
 PLACEMENTS = Registry("norm placement")
+INJECTIONS = Registry("input injection")
 
 
 @NORMS.register("rmsnorm")
@@ -120,3 +123,37 @@ class Layer(nn.Module):
 
     def forward(self, x, rope, mask, cache=None, slot=None):
         return self.mlp(self.attn(x, rope, mask, cache=cache, slot=slot))
+
+
+# -- input injection: how the embedding e enters every loop (Ouro: it does not, x_0 = e) --------
+@INJECTIONS.register("add")
+class AddInjection(nn.Module):
+    """Loop input x_{t-1} + e, from x_0 = 0 (looped transformers, Yang et al. 2024)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+
+    def forward(self, x, e):
+        return x + e
+
+    @staticmethod
+    def matmul_weights(cfg: ModelConfig) -> int:
+        """Weights one token multiplies with per loop (for looplm.flops)."""
+        return 0
+
+
+@INJECTIONS.register("concat")
+class ConcatInjection(nn.Module):
+    """Huginn's adapter: loop input W [x_{t-1}; e] with W (d x 2d), no bias, from x_0 = 0 (Huginn
+    draws x_0 at random instead)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.adapter = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, e):
+        return self.adapter(torch.cat([x, e], dim=-1))
+
+    @staticmethod
+    def matmul_weights(cfg: ModelConfig) -> int:
+        return 2 * cfg.d_model * cfg.d_model

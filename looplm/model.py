@@ -5,6 +5,9 @@
     h_t = final_norm(z_t)                    what the LM head and the exit gate read
     x_t = h_t                                the normed state is carried into the next loop
 
+With `input_injection` (not Ouro) the embedding e feeds every loop instead: x_0 = 0 and
+z_t = stack(inject(x_{t-1}, e)), e.g. x_{t-1} + e, so truncated backprop still trains e.
+
 The forward pass returns the trajectory of states; reading them out (LM head + cross-entropy,
 exit gate) is the objective's job, so a recipe forms only the logits it needs.
 """
@@ -15,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from looplm.config import ModelConfig
-from looplm.layers import Layer, RotaryEmbedding, make_norm
+from looplm.layers import INJECTIONS, Layer, RotaryEmbedding, make_norm
 from looplm.objectives import at_least_float32
 from looplm.readout import linear_cross_entropy, weighted_cross_entropy
 
@@ -39,6 +42,7 @@ class LoopContext:
     rope: tuple
     mask: torch.Tensor | None
     cache: "KVCache | None" = None
+    injected: torch.Tensor | None = None  # e, the input every loop sees under input injection
 
 
 @dataclass
@@ -86,6 +90,7 @@ class LoopLM(nn.Module):
         self.coda = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_coda))
         self.final_norm = make_norm(cfg)
         self.gate = nn.Linear(cfg.d_model, 1, bias=True)
+        self.inject = INJECTIONS.get(cfg.input_injection)(cfg) if cfg.input_injection else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
         self.apply(self._init_weights)
@@ -114,6 +119,11 @@ class LoopLM(nn.Module):
     def recurrence(self, x, ctx: LoopContext, loop: int = 0):
         """One application of the shared stack plus the final norm: the map x_{t-1} -> x_t whose
         Jacobian the STARS regulariser penalises. Returns (carried state x_t, raw output z_t)."""
+        if self.inject is not None:
+            if ctx.injected is None:
+                raise ValueError(f"input_injection={self.cfg.input_injection!r} needs the loop input e in "
+                                 "LoopContext.injected (LoopLM.forward sets it)")
+            x = self.inject(x, ctx.injected)
         z = self._run(self.layers, x, ctx, ("loop", loop))
         return (self.final_norm(z) if self.cfg.carry_normed else z), z
 
@@ -132,8 +142,11 @@ class LoopLM(nn.Module):
         keep = set(range(1, T + 1)) if keep is None else set(keep)
         x = self.embed(input_ids)
         ctx = self.context(input_ids.shape[1], doc_ids, cache, x.dtype)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and first_grad_loop == 1):
+        prelude_grad = first_grad_loop == 1 or self.inject is not None  # injection: e feeds every loop
+        with torch.set_grad_enabled(torch.is_grad_enabled() and prelude_grad):
             x = self._run(self.prelude, x, ctx, ("prelude",))
+        if self.inject is not None:
+            ctx.injected, x = x, torch.zeros_like(x)
         traj = Trajectory(n_loops=T, states=[None] * T, gate_inputs=[None] * T, context=ctx)
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):

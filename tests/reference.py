@@ -100,17 +100,25 @@ def weights_of(model):
         "gate_w": model.gate.weight.detach().to(F64),
         "gate_b": model.gate.bias.detach().to(F64),
         "head": model.lm_head.weight.detach().to(F64),
+        "adapter": (model.inject.adapter.weight.detach().to(F64)
+                    if model.inject is not None and hasattr(model.inject, "adapter") else None),
     }
 
 
 def forward(cfg, w, input_ids, n_loops, doc_ids=None):
     """Ouro's LoopLM written out: per loop, the sandwich layers then the final norm; the normed
     state is carried, read by the gate and by the head. Returns (states, gate_logits, logits),
-    lists over loops 1..n_loops."""
+    lists over loops 1..n_loops. With cfg.input_injection the state starts at 0 and the
+    embedding enters every loop."""
     eps = cfg.norm_eps
-    x = w["embed"][input_ids]
+    e = w["embed"][input_ids]
+    x = e if cfg.input_injection is None else torch.zeros_like(e)
     states, gates, logits = [], [], []
     for _t in range(n_loops):
+        if cfg.input_injection == "add":  # every loop sees the embedding again
+            x = x + e
+        elif cfg.input_injection == "concat":  # Huginn: a linear adapter of [state; embedding]
+            x = torch.cat([x, e], dim=-1) @ w["adapter"].T
         for lw in w["layers"]:
             a = attention(rms_norm(x, lw["norm1"], eps), lw["wq"], lw["wk"], lw["wv"], lw["wo"],
                           cfg.n_heads, cfg.kv_heads, cfg.rope_base, doc_ids)
@@ -133,7 +141,8 @@ def param_count(cfg):
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_head else cfg.vocab_size * d
     n_layers = cfg.n_layers + cfg.n_prelude + cfg.n_coda
-    return embed + head + n_layers * per_layer + d + (d + 1)  # final norm, gate (weight + bias)
+    adapter = 2 * d * d if cfg.input_injection == "concat" else 0
+    return embed + head + n_layers * per_layer + d + (d + 1) + adapter  # final norm, gate, adapter
 
 
 # -- exit distribution (REFERENCE section 2) ---------------------------------------------------

@@ -73,6 +73,41 @@ def test_matches_independent_reference_forward(n_kv_heads):
         torch.testing.assert_close(model.logits(traj.states[t]), logits[t], **TIGHT)
 
 
+@pytest.mark.parametrize("injection", ["add", "concat"])
+def test_input_injection_matches_the_reference_and_trains_the_embedding_under_truncation(injection):
+    model = make_model(input_injection=injection)
+    ids = random_ids(model, S=9)
+    traj = model(ids)
+    states, gates, logits = ref.forward(model.cfg, ref.weights_of(model), ids, model.cfg.n_loops)
+    for t in range(model.cfg.n_loops):
+        torch.testing.assert_close(traj.states[t], states[t], **TIGHT)
+        torch.testing.assert_close(model.logits(traj.states[t]), logits[t], **TIGHT)
+    assert model.num_params() == ref.param_count(model.cfg)
+    # one-step gradient (only loop T keeps a graph): e still reaches it, so the embedding learns
+    T = model.cfg.n_loops
+    model(ids, first_grad_loop=T).states[-1].pow(2).sum().backward()
+    got = model.embed.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    e = model.embed(ids)
+    ctx = model.context(ids.shape[1], dtype=F64)
+    ctx.injected = e.detach()
+    x = torch.zeros_like(e)
+    with torch.no_grad():
+        for t in range(T - 1):
+            x, _ = model.recurrence(x, ctx, t)
+    ctx.injected = e
+    model.recurrence(x, ctx, T - 1)[0].pow(2).sum().backward()
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, model.embed.weight.grad, **TIGHT)
+    with pytest.raises(ValueError, match="LoopContext.injected"):
+        model.recurrence(x, model.context(ids.shape[1], dtype=F64), 0)
+
+
+def test_unknown_input_injection_is_named():
+    with pytest.raises(ValueError, match="unknown input injection 'sum'.*'add', 'concat'"):
+        make_model(input_injection="sum")
+
+
 def test_gate_reads_the_normed_state():
     model = make_model()
     ids = random_ids(model)
