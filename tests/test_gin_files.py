@@ -4,8 +4,11 @@ from pathlib import Path
 
 import gin
 import pytest
+import torch
 
 from looplm import checkpoint
+from looplm.config import ModelConfig
+from looplm.model import LoopLM
 from looplm.run import main
 
 GIN_FILES = sorted(p.name for p in (Path(__file__).parent.parent / "gin").glob("*.gin"))
@@ -52,3 +55,13 @@ def test_gin_file_trains_a_few_steps(name, tmp_path, stage1_run):
     assert _run(name, tmp_path, *extra) == 0
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 3
     assert (tmp_path / "config.gin").exists()
+
+
+@pytest.mark.parametrize("injection, learns", [(None, False), ("add", True), ("concat", True)])
+def test_one_step_gradient_trains_the_embedding_only_with_input_injection(injection, learns, tmp_path):
+    extra = [] if injection is None else [f'model_config.input_injection = "{injection}"']
+    assert _run("truncated.gin", tmp_path, *extra) == 0
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    torch.manual_seed(0)  # train.seed: the run's initial weights
+    initial = LoopLM(ModelConfig(**state["model_config"])).embed.weight
+    assert torch.equal(initial, state["model"]["embed.weight"]) is not learns

@@ -15,8 +15,9 @@ embedding enters only through loop 1), so when loop 1 runs without grad, i.e. wh
 **the embedding and any prelude layers receive no gradient at all** (except through a tied LM
 head). They stay at their initialisation (or at the weights a run started from) for as long as
 the window excludes loop 1. HRM and Huginn feed the embedding into every loop, which is why the
-one-step gradient still trains their embedding; here it does not. Use k >= T, a ramp that reaches
-T, or a model with input injection if the embedding must learn.
+one-step gradient still trains their embedding; Ouro's does not. Use k >= T, a ramp that reaches
+T, or input injection (`model_config.input_injection = "add"` or Huginn's `"concat"`,
+looplm.layers.INJECTIONS), which feeds the embedding into every loop, if the embedding must learn.
 
 Under a sampled-step estimator the window counts back from the last loop actually run (the
 sampled loop t), since `Recipe.plan` calls `first_grad_loop(step, run_loops)`.
