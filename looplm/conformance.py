@@ -39,8 +39,8 @@ the slot of its family, the other families at Ouro's defaults. The checks, each 
                   work fails when the config is read").
     property:*    each property the plugin declares (below)
 
-Model structure (ModelConfig.norm_type / norm_placement, registries NORMS and PLACEMENTS) is
-checked the same way, the "plugin" being a model built with that norm type or placement; its
+Model structure (ModelConfig.norm_type / norm_placement / input_injection, registries NORMS,
+PLACEMENTS and INJECTIONS) is checked the same way, the "plugin" being a model built with it; its
 checkpoint check round-trips the model's state_dict.
 
 Examples (how the battery builds a plugin). For a class it calls the optional classmethod
@@ -95,8 +95,8 @@ import torch
 from looplm import checkpoint
 from looplm.config import model_config
 from looplm.data.batch import IGNORE_INDEX, Batch
-from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, LOOP_COUNTS, NORMS, PLACEMENTS,
-                          REGULARIZERS, BackpropWindow, ExitPrior, LossEstimator, LoopCount, Plan, Readouts,
+from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, INJECTIONS, LOOP_COUNTS, NORMS,
+                          PLACEMENTS, REGULARIZERS, BackpropWindow, ExitPrior, LossEstimator, LoopCount, Plan, Readouts,
                           Regularizer)
 from looplm.model import LoopLM
 from looplm.objectives import log_exit_probs
@@ -117,10 +117,11 @@ HOOK_FAMILIES = {  # Recipe argument -> (registry, interface)
     "prior": (EXIT_PRIORS, ExitPrior),
     "regularizer": (REGULARIZERS, Regularizer),
 }
-STRUCTURE_FAMILIES = {"norm_type": NORMS, "norm_placement": PLACEMENTS}  # ModelConfig field -> registry
+STRUCTURE_FAMILIES = {"norm_type": NORMS, "norm_placement": PLACEMENTS,  # ModelConfig field -> registry
+                      "input_injection": INJECTIONS}
 FAMILIES = (*HOOK_FAMILIES, *STRUCTURE_FAMILIES)
 DEFAULTS = {"loop_count": FixedLoops, "window": FullBackprop, "estimator": ExitWeighted, "prior": UniformPrior,
-            "norm_type": "rmsnorm", "norm_placement": "sandwich_branch"}
+            "norm_type": "rmsnorm", "norm_placement": "sandwich_branch", "input_injection": None}
 
 
 class ConformanceError(AssertionError):
@@ -164,8 +165,9 @@ def family_of(obj) -> str:
         if any(c is cls for _, c in reg.items()):
             return fam
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-        raise ValueError(f"{cls.__name__} is not registered: a norm type or placement must be registered "
-                         "(@NORMS.register(name) / @PLACEMENTS.register(name)) for a ModelConfig to select it")
+        raise ValueError(f"{cls.__name__} is not registered: a norm type, placement or input injection must "
+                         "be registered (@NORMS / @PLACEMENTS / @INJECTIONS.register(name)) for a ModelConfig "
+                         "to select it")
     raise ValueError(f"{cls.__name__} is not a plugin of any family: subclass one of "
                      f"{[i.__name__ for _, i in HOOK_FAMILIES.values()]} (looplm.hooks) or register a norm "
                      "type / placement")

@@ -5,7 +5,8 @@
     loss estimator    which loops are supervised, with what weight      ESTIMATORS
     exit prior        the regulariser on the exit distribution          EXIT_PRIORS
     regularizers      extra loss terms on the trajectory (a list)       REGULARIZERS
-    model structure   norm type and placement (looplm.layers)           NORMS, PLACEMENTS
+    model structure   norm type and placement, input injection          NORMS, PLACEMENTS,
+                      (looplm.layers)                                   INJECTIONS
 
 A plugin subclasses one interface, registers itself with `@FAMILY.register("name")` (which also
 makes it gin-configurable) and lives in one file. The core never imports `variants/`.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from looplm.layers import NORMS, PLACEMENTS  # noqa: F401  (re-exported: the structure family)
+from looplm.layers import INJECTIONS, NORMS, PLACEMENTS  # noqa: F401  (re-exported: the structure family)
 from looplm.readout import IGNORE_INDEX
 from looplm.registry import Registry
 
