@@ -5,6 +5,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from looplm.exits import frontier_table
+
 
 def _loops(values, fmt="{:.3f}") -> str:
     return " ".join(fmt.format(v) for v in values)
@@ -56,3 +58,5 @@ class TrainProgress:
         self.console.print(table)
         self.console.print(f"mean exit loop {eval_metrics['exit_mean']:.2f}, "
                            f"exit entropy {eval_metrics['entropy']:.3f} nats")
+        if eval_metrics.get("exit_frontier"):
+            self.console.print(frontier_table({"": eval_metrics["exit_frontier"]}))

@@ -1,7 +1,8 @@
 """Experiment tracking: every run is an Aim run (or nothing, when switched off).
 
 Per-loop metrics are one Aim metric with a `{"loop": t}` context, so Aim's explorer can group
-and compare loops; evaluation metrics carry `{"subset": "eval"}`.
+and compare loops; evaluation metrics carry `{"subset": "eval"}`, early-exit frontier points
+`{"exit_rule": name, "threshold": x}` as well.
 """
 
 import gin
@@ -37,6 +38,14 @@ class Tracker:
                     self.run.track(float(v), name=name, step=step, context={**context, "loop": t})
             else:
                 self.run.track(float(value), name=name, step=step, context=context)
+
+    def log_frontier(self, points: list[dict], step: int, context: dict | None = None) -> None:
+        """Early-exit frontier points (looplm.evaluate): exit_acc, exit_exact_match and exit_loops,
+        each with the rule and its threshold in the context."""
+        for p in points:
+            where = {**(context or {}), "exit_rule": p["rule"], "threshold": p["threshold"]}
+            self.log({"exit_acc": p["acc"], "exit_exact_match": p["exact_match"],
+                      "exit_loops": p["mean_loops"]}, step, where)
 
     def close(self) -> None:
         if self.run is not None:

@@ -171,7 +171,9 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
             step += 1
             if step % eval_every == 0 or step == steps:
                 last_eval = evaluate(model, task, eval_loops, eval_batch_size, eval_max_batches)
-                tracker.log(last_eval, step, {"subset": "eval"})
+                scores = dict(last_eval)
+                tracker.log_frontier(scores.pop("exit_frontier"), step, {"subset": "eval"})
+                tracker.log(scores, step, {"subset": "eval"})
                 em = last_eval["exact_match"][cfg.n_loops - 1]
                 bar.note(f"eval @ {step}: exact match at T={cfg.n_loops}: {em:.2%}, "
                          f"per loop {' '.join(f'{v:.2f}' for v in last_eval['exact_match'])}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from looplm import sweep as sw
+from looplm.exits import default_rules
 from looplm.sweep import Bundle, Sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,14 +204,17 @@ def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
         for m in run.metrics():
             if not m.name.startswith("__system__"):  # Aim's own resource sampling
                 ctx = m.context.to_dict()
-                series[m.name, ctx["subset"], ctx.get("loop")] = m.data.view("val").numpy()[0].tolist()
+                key = (m.name, ctx["subset"], ctx.get("loop") or (ctx.get("exit_rule"), ctx.get("threshold")))
+                series[key] = m.data.view("val").numpy()[0].tolist()
         T, train_steps, eval_steps = 4, list(range(STEPS)), list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
-        expected = {(name, "train", None) for name in ("loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "n_loops",
+        expected = {(name, "train", (None, None)) for name in ("loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "n_loops",
                                                        "exit_mean", "entropy")}
         expected |= {(name, "train", t) for name in ("ce", "acc", "exit_p") for t in range(1, T + 1)}
         expected |= {(name, "eval", t) for name in ("ce", "acc", "exact_match") for t in range(1, 2 * T + 1)}
         expected |= {("exit_p", "eval", t) for t in range(1, T + 1)}
-        expected |= {("exit_mean", "eval", None), ("entropy", "eval", None)}
+        expected |= {("exit_mean", "eval", (None, None)), ("entropy", "eval", (None, None))}
+        expected |= {(name, "eval", rule.label) for name in ("exit_acc", "exit_exact_match", "exit_loops")
+                     for rule in default_rules(T)}
         assert set(series) == expected
         for (name, subset, loop), steps in series.items():
             assert steps == (train_steps if subset == "train" else eval_steps), (name, subset, loop)

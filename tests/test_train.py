@@ -11,6 +11,8 @@ import torch
 from looplm import checkpoint
 from looplm.config import model_config
 from looplm.data import AdditionTask
+from looplm.exits import main as exits_main
+from looplm.exits import read_frontier
 from looplm.recipe import GateTraining, Recipe
 from looplm.run import main
 from looplm.tracking import Tracker, open_repo
@@ -111,6 +113,22 @@ def test_stage2_trains_only_the_gate_from_a_stage1_checkpoint(tmp_path):
     after = checkpoint.load(tmp_path / "stage2" / "checkpoint.pt")["model"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"gate.weight", "gate.bias"}
+    # the LM is frozen: every rule that ignores the gate scores exactly as before Stage II
+    frontiers = [read_frontier(tmp_path / name) for name in ("stage1", "stage2")]
+    gate_free = [[p for p in f if p["rule"] != "q_exit"] for f in frontiers]
+    assert gate_free[0] == gate_free[1] and len(gate_free[0]) == len(frontiers[0]) - 6 > 0
+
+
+def test_exits_command_compares_finished_runs(tmp_path, capsys):
+    run(tmp_path / "a", steps=3)
+    run(tmp_path / "b", steps=3, seed=4)
+    plot = tmp_path / "frontier.png"
+    assert exits_main([str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("q_exit", "state_change", "static", "exact match"))
+    assert plot.stat().st_size > 10_000
+    assert exits_main([str(tmp_path / "missing")]) == 2
+    assert "missing/summary.json does not exist" in capsys.readouterr().err
 
 
 def test_aim_run_holds_per_loop_and_eval_metrics(tmp_path):
@@ -124,6 +142,8 @@ def test_aim_run_holds_per_loop_and_eval_metrics(tmp_path):
         tracked[(trace.name, tuple(sorted(trace.context.to_dict().items())))] = trace.data.indices_list()
     assert tracked[("ce", (("loop", 2), ("subset", "train")))] == [0, 1, 2, 3]
     assert ("exact_match", (("loop", 6), ("subset", "eval"))) in tracked
+    for metric in ("exit_acc", "exit_exact_match", "exit_loops"):
+        assert tracked[(metric, (("exit_rule", "q_exit"), ("subset", "eval"), ("threshold", 0.5)))] == [4]
 
 
 @pytest.mark.parametrize("binding, message", [
