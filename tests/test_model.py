@@ -64,7 +64,11 @@ def test_matches_independent_reference_forward(n_kv_heads):
     RoPE with a non-default base, naive attention, sandwich norms) -- including GQA."""
     model = make_model(n_kv_heads=n_kv_heads, rope_base=3000.0)
     assert model.cfg.kv_heads == (n_kv_heads or model.cfg.n_heads)
-    ids = random_ids(model, S=13)
+    assert_matches_reference(model, random_ids(model, S=13))
+
+
+def assert_matches_reference(model, ids):
+    """States, gate logits and LM logits of every loop against tests/reference.py."""
     traj = model(ids)
     states, gates, logits = ref.forward(model.cfg, ref.weights_of(model), ids, model.cfg.n_loops)
     for t in range(model.cfg.n_loops):
@@ -77,11 +81,7 @@ def test_matches_independent_reference_forward(n_kv_heads):
 def test_input_injection_matches_the_reference_and_trains_the_embedding_under_truncation(injection):
     model = make_model(input_injection=injection)
     ids = random_ids(model, S=9)
-    traj = model(ids)
-    states, gates, logits = ref.forward(model.cfg, ref.weights_of(model), ids, model.cfg.n_loops)
-    for t in range(model.cfg.n_loops):
-        torch.testing.assert_close(traj.states[t], states[t], **TIGHT)
-        torch.testing.assert_close(model.logits(traj.states[t]), logits[t], **TIGHT)
+    assert_matches_reference(model, ids)
     assert model.num_params() == ref.param_count(model.cfg)
     # one-step gradient (only loop T keeps a graph): e still reaches it, so the embedding learns
     T = model.cfg.n_loops
