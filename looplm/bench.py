@@ -46,8 +46,8 @@ from dataclasses import dataclass, replace
 RESULT_PREFIX = "@@LOOPLM_BENCH@@ "
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # variants/ lives here
 
-DEFAULT_RECIPES = ("full", "full_recompute", "sampled", "truncated", "random_loops", "truncated_t8", "truncated_t1",
-                   "llama_nxt", "llama_n")
+DEFAULT_RECIPES = ("full", "full_recompute", "sampled", "sampled_seq", "truncated", "random_loops", "truncated_t8",
+                   "truncated_t1", "llama_nxt", "llama_n")
 PEERS = ("llama_nxt", "llama_n")
 CLEAN_OCCUPANCY = 0.9  # steps at or above it count as uncontended ("clean")
 
