@@ -295,9 +295,9 @@ def test_document_mask_equals_running_each_document_alone():
 
 
 # -- KV cache ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n_kv_heads", [None, 2])
-def test_kv_cache_prefill_then_decode_equals_full_forward(n_kv_heads):
-    model = make_model(n_kv_heads=n_kv_heads)
+@pytest.mark.parametrize("n_kv_heads, injection", [(None, None), (2, None), (None, "concat")])
+def test_kv_cache_prefill_then_decode_equals_full_forward(n_kv_heads, injection):
+    model = make_model(n_kv_heads=n_kv_heads, input_injection=injection)
     T, N = model.cfg.n_loops, model.cfg.n_layers
     assert T == 3
     ids = random_ids(model, S=10)
