@@ -15,8 +15,8 @@ from looplm.model import LoopLM
 from looplm.objectives import log_exit_probs, token_mean
 from looplm.recipe import ExitWeighted, FixedLoops, Recipe, UniformPrior
 from variants.priors import GeometricPrior
-from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, MinSNRWeighting, NoWeighting,
-                                   SampledStep, UniformProposal)
+from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, ImprovementProposal, MinSNRWeighting,
+                                   NoWeighting, SampledStep, UniformProposal)
 from variants.truncated import LastLoops
 
 
@@ -322,3 +322,42 @@ def test_fixed_schedule_needs_a_fixed_loop_count():
     with pytest.raises(ValueError, match="FixedLoops.n_loops=3"):
         Recipe(loop_count=FixedLoops(3), estimator=est)
     Recipe(loop_count=FixedLoops(2), estimator=est)
+
+
+def test_improvement_proposal_follows_the_loops_still_improving():
+    prop = ImprovementProposal(fast_decay=0.5, slow_decay=0.9, floor=0.2)
+    torch.testing.assert_close(prop.probs(4, 0), torch.full((4,), 0.25, dtype=torch.float64))
+    series = {1: [2.0, 2.0, 2.0, 2.0], 2: [3.0, 2.0, 1.0, 0.5], 3: [1.0, 0.9, 0.9, 0.9]}  # loop 4 unseen
+    ema = {}
+    for i in range(4):
+        for t, values in series.items():
+            prop.observe(t, values[i])
+            ce = values[i]  # the same EMAs written out with python floats
+            fast, slow = ema.get(t, (ce, ce))
+            ema[t] = (ce, ce) if t not in ema else (0.5 * fast + 0.5 * ce, 0.9 * slow + 0.1 * ce)
+    progress = {t: max(0.0, slow - fast) / slow for t, (fast, slow) in ema.items()}
+    progress[4] = max(progress.values())  # unseen: explored at the best observed progress
+    total = sum(progress.values())
+    want = [0.2 / 4 + 0.8 * progress[t] / total for t in range(1, 5)]
+    q = prop.probs(4, 0)
+    torch.testing.assert_close(q, torch.tensor(want, dtype=torch.float64))
+    assert q[1] == q[3] > q[2] > q[0] == 0.2 / 4  # flat loop 1 keeps only the floor
+    restored = ImprovementProposal(fast_decay=0.5, slow_decay=0.9, floor=0.2)
+    restored.load_state_dict(prop.state_dict())
+    torch.testing.assert_close(restored.probs(4, 0), q)
+
+
+def test_improvement_proposal_learns_from_the_sampled_loops_in_training():
+    model, b = tiny(), batch()
+    est = SampledStep(proposal=ImprovementProposal())
+    recipe = Recipe(loop_count=FixedLoops(4), estimator=est)
+    sampled = set()
+    for step in range(8):
+        sampled.add(recipe.loss(model, b, step)[1]["sampled_loop"])
+    assert set(est.proposal.ema) == sampled
+
+
+@pytest.mark.parametrize("kwargs", [dict(fast_decay=0.99, slow_decay=0.9), dict(floor=0.0)])
+def test_improvement_proposal_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError, match="ImprovementProposal"):
+        ImprovementProposal(**kwargs)

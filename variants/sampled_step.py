@@ -14,7 +14,8 @@ Since q does not depend on the parameters, with w = 1 the expectation over t ~ q
 
 Parts, each picked by name and gin-configurable:
 
-    proposals  (PROPOSALS)   uniform, fixed_schedule(probs), clts(total_steps, ...)
+    proposals  (PROPOSALS)   uniform, fixed_schedule(probs), clts(total_steps, ...),
+                             improvement(fast_decay, slow_decay, floor)
     weightings (WEIGHTINGS)  none, min_snr(gamma, snr="ema"|"schedule", s0, ema_decay)
 
 **A weighting changes the objective.** With Min-SNR weights the expectation is
@@ -54,6 +55,9 @@ class Proposal(Plugin):
     def probs(self, n_loops: int, step: int) -> torch.Tensor:
         """q(t) for t = 1..n_loops: float64, positive, sums to 1."""
         raise NotImplementedError
+
+    def observe(self, loop: int, ce: float) -> None:
+        """The detached token-mean CE of a sampled loop (after this step's draw)."""
 
 
 @PROPOSALS.register("uniform")
@@ -153,6 +157,64 @@ class CLTSProposal(Proposal):
                 f"floor={self.floor})")
 
 
+@PROPOSALS.register("improvement")
+class ImprovementProposal(Proposal):
+    """Sample the loops whose loss is still falling (REFERENCE 5, the loop analogue of SpeeD,
+    arXiv:2405.17403, which samples less from converged diffusion time steps). Per loop, a fast
+    and a slow EMA of its sampled token-mean CE (each starts at the loop's first observation):
+
+        progress_t = max(0, slow_t - fast_t) / slow_t       relative recent decrease
+        q(t)       = floor / T + (1 - floor) * progress_t / sum_t' progress_t'
+
+    A loop not yet observed gets the largest progress of the observed ones (it is explored); q is
+    uniform while no loop has progress. Stateful (the EMAs are checkpointed); q depends on the
+    CEs this process observed, so under data parallelism every rank must observe the same
+    (all-reduced) values to draw the same loop."""
+
+    def __init__(self, fast_decay: float = 0.9, slow_decay: float = 0.99, floor: float = 0.2):
+        if not 0.0 <= fast_decay < slow_decay < 1.0:
+            raise ValueError(f"ImprovementProposal fast_decay={fast_decay}, slow_decay={slow_decay}: need "
+                             "0 <= fast_decay < slow_decay < 1 (the slow EMA must remember longer)")
+        if not 0.0 < floor <= 1.0:
+            raise ValueError(f"ImprovementProposal.floor={floor} must be in (0, 1]: the floor keeps q > 0 "
+                             "on every loop")
+        self.fast_decay, self.slow_decay, self.floor = fast_decay, slow_decay, floor
+        self.ema: dict[int, list] = {}  # loop -> [fast, slow]
+
+    def progress(self, n_loops: int) -> torch.Tensor:
+        seen = {t: max(0.0, slow - fast) / max(slow, 1e-12) for t, (fast, slow) in self.ema.items()}
+        explore = max(seen.values(), default=0.0)
+        return torch.tensor([seen.get(t, explore) for t in range(1, n_loops + 1)], dtype=torch.float64)
+
+    def probs(self, n_loops, step):
+        progress = self.progress(n_loops)
+        uniform = torch.full((n_loops,), 1.0 / n_loops, dtype=torch.float64)
+        if float(progress.sum()) <= 0:
+            return uniform
+        return self.floor * uniform + (1 - self.floor) * progress / progress.sum()
+
+    def observe(self, loop, ce):
+        ce = float(ce)
+        if not math.isfinite(ce):
+            return
+        if loop not in self.ema:
+            self.ema[loop] = [ce, ce]
+            return
+        fast, slow = self.ema[loop]
+        self.ema[loop] = [self.fast_decay * fast + (1 - self.fast_decay) * ce,
+                          self.slow_decay * slow + (1 - self.slow_decay) * ce]
+
+    def state_dict(self):
+        return {"ema": {t: list(v) for t, v in self.ema.items()}} if self.ema else {}
+
+    def load_state_dict(self, state):
+        self.ema = {int(t): [float(x) for x in v] for t, v in state.get("ema", {}).items()}
+
+    def describe(self):
+        return (f"ImprovementProposal(fast_decay={self.fast_decay}, slow_decay={self.slow_decay}, "
+                f"floor={self.floor})")
+
+
 # -- weightings w_t ---------------------------------------------------------------------------
 class Weighting(Plugin):
     def weights(self, q: torch.Tensor, n_loops: int) -> torch.Tensor:
@@ -241,7 +303,8 @@ class SampledStep(LossEstimator):
     def conformance_examples(cls):
         return [cls(),
                 cls(CLTSProposal(total_steps=10), MinSNRWeighting()),
-                cls(FixedScheduleProposal((0.5, 0.3, 0.2)), per_sequence=True)]  # the battery runs T = 3
+                cls(FixedScheduleProposal((0.5, 0.3, 0.2)), per_sequence=True),  # the battery runs T = 3
+                cls(ImprovementProposal())]
 
     @property
     def properties(self):
@@ -322,7 +385,9 @@ class SampledStep(LossEstimator):
         for t in torch.unique(loops).tolist():
             rows = (loops == t).to(device)
             if ro.mask[rows].any():
-                self.weighting.observe(t, float(ce[rows].sum() / mask[rows].sum()))
+                mean_ce = float(ce[rows].sum() / mask[rows].sum())
+                self.weighting.observe(t, mean_ce)
+                self.proposal.observe(t, mean_ce)
         metrics = {"sampled_loop": loops.double().mean().item(),
                    "sampled_ce": float(ce.sum() / n_tok), "sampled_acc": float(correct.sum() / n_tok),
                    "q_t": q[loops - 1].mean().item(), "weight": w[loops - 1].mean().item()}
