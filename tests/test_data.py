@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from looplm.data import (IGNORE_INDEX, AdditionTask, Batch, HubUnreachableError, ManoTask,
-                         TextTask, exact_match)
+                         MultiHopTask, TextTask, exact_match)
 from looplm.data.mano import evaluate_prefix
 
 
@@ -253,6 +253,176 @@ def test_tasks_are_gin_configurable():
     gin.parse_config("AdditionTask.n_digits = 3\nManoTask.max_ops = 4")
     try:
         assert AdditionTask().n_digits == 3 and ManoTask().max_ops == 4
+    finally:
+        gin.clear_config()
+
+
+# ---------------------------------------------------------------- multi-hop QA
+
+# 2 relations, 2-hop questions from layers 0 and 1 of 3 entities: 2^2 x 6 = 24 questions, 18 facts
+TINY_GRAPH = dict(n_layers=4, entities_per_layer=3, n_relations=2, hops=2, n_train_questions=20,
+                  n_eval=4, seq_len=16)
+
+
+def entity_layer(token: str) -> int:
+    match = re.fullmatch(r"<e(\d+)_(\d+)>", token)
+    assert match, token
+    return int(match[1])
+
+
+def graph_by_name(task: MultiHopTask) -> dict:
+    """The graph as {(A, r): B} over token names."""
+    return {(task.vocab[a], f"<r{r}>"): task.vocab[b]
+            for r, objects in enumerate(task.graph) for a, b in enumerate(objects)}
+
+
+def check_multihop_batch(task: MultiHopTask, batch: Batch) -> tuple[list, list]:
+    """Assert packing, supervision and answers (walking the graph by hand from the tokens);
+    return the batch's facts (A, r, B) and questions (tokens with the answer) as token names."""
+    assert batch.input_ids.shape[1] == task.seq_len
+    steps = batch.doc_ids.diff(dim=1)
+    assert (batch.doc_ids[:, 0] == 0).all() and ((steps == 0) | (steps == 1)).all()
+    before_answer = torch.isin(batch.input_ids, torch.tensor([task.vocab.index("<is>"),
+                                                              task.vocab.index("<ans>")]))
+    assert torch.equal(batch.targets != IGNORE_INDEX, before_answer)  # there and only there
+    graph = graph_by_name(task)
+    facts, questions = [], []
+    for tokens, targets, doc, row in mano_documents(task, batch):
+        if tokens[0] == "<pad>":  # the tail: all padding, no loss, the row's last doc id
+            assert set(tokens) == {"<pad>"} and set(targets) == {IGNORE_INDEX}
+            assert doc == int(batch.doc_ids[row, -1])
+            continue
+        assert tokens[0] == "<bos>" and targets[:-1] == [IGNORE_INDEX] * (len(tokens) - 1)
+        answer = task.vocab[targets[-1]]
+        if tokens[1] == "<q>":  # <bos> <q> r_k ... r_1 A <ans>, whole: none is cut
+            *relations, start, last = tokens[2:]
+            assert last == "<ans>" and len(relations) == task.hops
+            assert all(re.fullmatch(r"<r\d+>", r) for r in relations)
+            assert entity_layer(start) <= task.n_layers - 1 - task.hops
+            entity = start
+            for relation in reversed(relations):  # r_1, next to A, applies first
+                entity = graph[entity, relation]
+            assert answer == entity
+            questions.append((*tokens, answer))
+        else:  # <bos> A r <is>
+            assert len(tokens) == 4 and tokens[3] == "<is>" and re.fullmatch(r"<r\d+>", tokens[2])
+            assert graph[tokens[1], tokens[2]] == answer
+            assert entity_layer(answer) == entity_layer(tokens[1]) + 1
+            facts.append((tokens[1], tokens[2], answer))
+    return facts, questions
+
+
+def multihop_training(task: MultiHopTask, steps: int, batch_size: int = 16) -> tuple[set, set]:
+    facts, questions = set(), set()
+    for step in range(steps):
+        batch = task.train_batch(step, batch_size)
+        batch_facts, batch_questions = check_multihop_batch(task, batch)
+        facts, questions = facts | set(batch_facts), questions | set(batch_questions)
+    return facts, questions
+
+
+def test_multihop_graph_links_each_layer_to_the_next_and_depends_on_graph_seed_only():
+    task = MultiHopTask()
+    assert task.vocab_size == 5 * 100 + 20 + 5
+    assert len(graph_by_name(task)) == task.n_facts == 20 * 4 * 100
+    for (subject, _), obj in graph_by_name(task).items():
+        assert entity_layer(obj) == entity_layer(subject) + 1
+    for layer in range(1, 5):  # 2000 uniform draws reach every entity of the next layer
+        assert {obj for obj in graph_by_name(task).values() if entity_layer(obj) == layer} == \
+            {f"<e{layer}_{i}>" for i in range(100)}
+    assert MultiHopTask(seed=5, eval_seed=6).graph == task.graph
+    assert MultiHopTask(graph_seed=1).graph != task.graph
+
+
+def test_multihop_questions_read_the_outermost_relation_first():
+    task = MultiHopTask(n_layers=3, entities_per_layer=2, n_relations=2, hops=2,
+                        n_train_questions=1, n_eval=1, seq_len=8)
+    # by hand: e0_0 -r0-> e1_1 -r1-> e2_0, while e0_0 -r1-> e1_0 -r0-> e2_1
+    task.graph = [[3, 2, 5, 4], [2, 3, 5, 4]]  # graph[r][A], entities numbered layer-major
+    assert task.decode(task.question_doc(((0, 1), 0))) == "<bos> <q> <r1> <r0> <e0_0> <ans> <e2_0>"
+    assert task.decode(task.question_doc(((1, 0), 0))) == "<bos> <q> <r0> <r1> <e0_0> <ans> <e2_1>"
+    assert task.decode(task.fact_doc(1, 3)) == "<bos> <e1_1> <r1> <is> <e2_0>"
+
+
+def test_multihop_packing_supervision_and_answers_match_the_graph():
+    for task in (MultiHopTask(), MultiHopTask(**TINY_GRAPH)):
+        facts, questions = multihop_training(task, 20)
+        assert facts and questions
+    assert len(facts) == task.n_facts  # every fact is trained on
+
+
+def test_multihop_eval_set_is_fixed_and_never_trained_on():
+    for task in (MultiHopTask(), MultiHopTask(**TINY_GRAPH)):
+        assert not set(task.eval_questions) & set(task.train_questions)
+        in_order = [check_multihop_batch(task, b)[1] for b in task.eval_batches(16)]
+        held_out = [q for batch in in_order for q in batch]
+        assert held_out == [tuple(task.decode(doc).split()) for doc in task.eval_docs]
+        assert len(set(held_out)) == task.n_eval
+        again = [q for b in task.eval_batches(5) for q in check_multihop_batch(task, b)[1]]
+        assert again == held_out  # the same order whatever the batch size
+        trained = multihop_training(task, 20)[1]
+        assert trained and not trained & set(held_out)
+    assert len(trained) == 24 - 4  # ... and in the tiny graph every other question is trained on
+
+
+def test_multihop_training_questions_come_from_a_fixed_nested_pool():
+    task = MultiHopTask(n_train_questions=5)
+    trained = multihop_training(task, 10)[1]
+    assert trained == {tuple(task.decode(doc).split()) for doc in task.train_question_docs}
+    assert len(trained) == 5
+    assert MultiHopTask(n_train_questions=100).train_questions[:5] == task.train_questions
+    assert MultiHopTask(seed=1, n_train_questions=5).train_questions != task.train_questions
+
+
+def test_multihop_fact_fraction_sets_the_mix():
+    counts = {}
+    for fraction in (0.0, 0.5, 1.0):
+        task = MultiHopTask(fact_fraction=fraction)
+        facts = questions = 0
+        for step in range(10):
+            batch_facts, batch_questions = check_multihop_batch(task, task.train_batch(step, 16))
+            facts, questions = facts + len(batch_facts), questions + len(batch_questions)
+        counts[fraction] = facts / (facts + questions)
+    assert counts[0.0] == 0 and counts[1.0] == 1 and 0.45 < counts[0.5] < 0.55
+    assert len(multihop_training(MultiHopTask(n_train_questions=0, fact_fraction=1.0), 2)[1]) == 0
+
+
+def test_multihop_exact_match_counts_one_unit_per_eval_question():
+    task = MultiHopTask(n_eval=50)
+    units = torch.cat([exact_match(b.targets != IGNORE_INDEX, b) for b in task.eval_batches(2)])
+    assert units.tolist() == [1.0] * 50
+
+
+def test_multihop_train_batches_are_a_function_of_seed_and_step():
+    task = MultiHopTask()
+    assert_batches_equal(task.train_batch(9, 8), MultiHopTask().train_batch(9, 8))
+    assert not torch.equal(task.train_batch(9, 8).input_ids, task.train_batch(10, 8).input_ids)
+    assert not torch.equal(task.train_batch(9, 8).input_ids,
+                           MultiHopTask(seed=1).train_batch(9, 8).input_ids)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_layers": 1}, "n_layers=1"),
+    ({"entities_per_layer": 0}, "entities_per_layer=0"),
+    ({"n_relations": 0}, "n_relations=0"),
+    ({"hops": 0}, "hops=0"),
+    ({"hops": 5}, r"hops=5: allowed are integers 1\.\.4"),
+    ({"n_eval": 0}, "n_eval=0"),
+    ({"n_train_questions": -1}, "n_train_questions=-1"),
+    ({"n_train_questions": 0}, "fact_fraction=0.5"),
+    ({"fact_fraction": 1.5}, "fact_fraction=1.5"),
+    ({"seq_len": 6}, "seq_len=6"),
+    ({**TINY_GRAPH, "n_train_questions": 21}, r"n_train_questions=21 \+ n_eval=4.* at most 24"),
+])
+def test_multihop_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiHopTask(**kwargs)
+
+
+def test_multihop_is_gin_configurable():
+    gin.parse_config("MultiHopTask.hops = 2\nMultiHopTask.n_train_questions = 7")
+    try:
+        assert MultiHopTask().hops == 2 and len(MultiHopTask().train_questions) == 7
     finally:
         gin.clear_config()
 
