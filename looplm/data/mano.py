@@ -5,9 +5,9 @@ from collections.abc import Iterator
 from math import comb
 
 import gin
-import torch
 
-from looplm.data.batch import IGNORE_INDEX, Batch, derive_seed
+from looplm.data.batch import derive_seed
+from looplm.data.packing import PackedAnswerTask
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -47,7 +47,7 @@ def n_expressions(n_ops: int, modulus: int) -> int:
 
 
 @gin.configurable
-class ManoTask:
+class ManoTask(PackedAnswerTask):
     """Documents `<bos> <len_l> - * a b + c d <ans> v` with l uniform in [1, max_ops]; only v is
     supervised (it is the target at the <ans> position).
 
@@ -82,7 +82,7 @@ class ManoTask:
         self.pad_id = self._id["<pad>"]
         self.eval_docs = self._draw_eval_docs()
         self._held_out = set(map(tuple, self.eval_docs))
-        self._eval_rows = self._pack(iter(self.eval_docs), n_rows=None)
+        self._pack_eval()
 
     def encode_doc(self, symbols: list) -> list[int]:
         """Token ids of a whole document, answer included, for a prefix expression."""
@@ -90,21 +90,6 @@ class ManoTask:
         answer = evaluate_prefix(symbols, self.modulus)
         tokens = ["<bos>", f"<len_{n_ops}>", *map(str, symbols), "<ans>", str(answer)]
         return [self._id[t] for t in tokens]
-
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        """batch_size packed rows; a fixed function of (seed, step)."""
-        return self._pack(self._train_docs(random.Random(derive_seed(self.seed, step))), batch_size)
-
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """The held-out documents packed in a fixed order; the last batch may be smaller."""
-        for start in range(0, self._eval_rows.input_ids.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            yield Batch(self._eval_rows.input_ids[rows], self._eval_rows.targets[rows],
-                        self._eval_rows.doc_ids[rows])
-
-    def decode(self, ids) -> str:
-        """Space-separated tokens with padding dropped (ids may be a list or a tensor)."""
-        return " ".join(self.vocab[i] for i in map(int, ids) if i != self.pad_id)
 
     def _draw_eval_docs(self) -> list[list[int]]:
         rng = random.Random(derive_seed(self.eval_seed))
@@ -121,24 +106,3 @@ class ManoTask:
             doc = self.encode_doc(random_prefix(rng, rng.randint(1, self.max_ops), self.modulus))
             if tuple(doc) not in self._held_out:
                 yield doc
-
-    def _pack(self, docs: Iterator[list[int]], n_rows: int | None) -> Batch:
-        """Greedy packing: whole documents fill a row while they fit; the rest is padding.
-
-        Each document contributes its tokens but the last as inputs and, at the <ans> position,
-        its answer as the one target. n_rows=None packs until `docs` runs out.
-        """
-        inputs, targets, doc_ids = [], [], []
-        doc = next(docs, None)
-        while doc is not None and (n_rows is None or len(inputs) < n_rows):
-            row, row_targets, row_docs = [], [], []
-            while doc is not None and len(row) + len(doc) - 1 <= self.seq_len:
-                row += doc[:-1]
-                row_targets += [IGNORE_INDEX] * (len(doc) - 2) + [doc[-1]]
-                row_docs += [row_docs[-1] + 1 if row_docs else 0] * (len(doc) - 1)
-                doc = next(docs, None)
-            fill = self.seq_len - len(row)
-            inputs.append(row + [self.pad_id] * fill)
-            targets.append(row_targets + [IGNORE_INDEX] * fill)
-            doc_ids.append(row_docs + [row_docs[-1] + 1] * fill)
-        return Batch(torch.tensor(inputs), torch.tensor(targets), torch.tensor(doc_ids))

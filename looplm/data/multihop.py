@@ -6,12 +6,12 @@ from collections.abc import Iterator
 
 import gin
 
-from looplm.data.batch import Batch, derive_seed
-from looplm.data.mano import ManoTask
+from looplm.data.batch import derive_seed
+from looplm.data.packing import PackedAnswerTask
 
 
 @gin.configurable
-class MultiHopTask:
+class MultiHopTask(PackedAnswerTask):
     """Facts `<bos> A r <is> B` and questions `<bos> <q> r_k ... r_1 A <ans> B`, where B is
     f(r_k, ... f(r_1, A)); only B is supervised (the target at the <is>/<ans> position).
 
@@ -87,7 +87,7 @@ class MultiHopTask:
                                                     n_train_questions, set(self.eval_questions))
         self.eval_docs = [self.question_doc(q) for q in self.eval_questions]
         self.train_question_docs = [self.question_doc(q) for q in self.train_questions]
-        self._eval_rows = self._pack(iter(self.eval_docs), n_rows=None)
+        self._pack_eval()
 
     def question(self, index: int) -> tuple[tuple[int, ...], int]:
         """Question `index` (0..n_questions-1) as (relations r_1..r_k innermost first, start A)."""
@@ -117,21 +117,6 @@ class MultiHopTask:
                 *(self.relation_ids[r] for r in reversed(chain)),
                 start, self._id["<ans>"], self.answer(chain, start)]
 
-    def train_batch(self, step: int, batch_size: int) -> Batch:
-        """batch_size packed rows; a fixed function of (seed, step)."""
-        return self._pack(self._train_docs(random.Random(derive_seed(self.seed, step))), batch_size)
-
-    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
-        """The held-out questions packed in a fixed order; the last batch may be smaller."""
-        for start in range(0, self._eval_rows.input_ids.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            yield Batch(self._eval_rows.input_ids[rows], self._eval_rows.targets[rows],
-                        self._eval_rows.doc_ids[rows])
-
-    def decode(self, ids) -> str:
-        """Space-separated tokens with padding dropped (ids may be a list or a tensor)."""
-        return " ".join(self.vocab[i] for i in map(int, ids) if i != self.pad_id)
-
     def _draw_questions(self, rng: random.Random, n: int, excluded: set) -> list:
         """n distinct questions outside `excluded`, in the order drawn (so draws nest in n)."""
         questions, seen = [], set(excluded)
@@ -149,6 +134,3 @@ class MultiHopTask:
                 yield self.fact_doc(r, a)
             else:
                 yield self.train_question_docs[rng.randrange(self.n_train_questions)]
-
-    # Mano's packing: whole documents per row, the answer the one target, a padded tail
-    _pack = ManoTask._pack

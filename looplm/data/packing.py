@@ -1,0 +1,56 @@
+"""Documents of tokens with one supervised answer at the end, packed whole into rows: the shared
+batching of Mano and multi-hop QA."""
+
+import random
+from collections.abc import Iterator
+
+import torch
+
+from looplm.data.batch import IGNORE_INDEX, Batch, derive_seed
+
+
+class PackedAnswerTask:
+    """A subclass sets vocab, pad_id, seq_len, seed and eval_docs (token-id lists, answer last),
+    implements `_train_docs(rng)` (an endless document stream) and calls `_pack_eval()`."""
+
+    def train_batch(self, step: int, batch_size: int) -> Batch:
+        """batch_size packed rows; a fixed function of (seed, step)."""
+        return self._pack(self._train_docs(random.Random(derive_seed(self.seed, step))), batch_size)
+
+    def eval_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The held-out documents packed in a fixed order; the last batch may be smaller."""
+        for start in range(0, self._eval_rows.input_ids.shape[0], batch_size):
+            rows = slice(start, start + batch_size)
+            yield Batch(self._eval_rows.input_ids[rows], self._eval_rows.targets[rows],
+                        self._eval_rows.doc_ids[rows])
+
+    def decode(self, ids) -> str:
+        """Space-separated tokens with padding dropped (ids may be a list or a tensor)."""
+        return " ".join(self.vocab[i] for i in map(int, ids) if i != self.pad_id)
+
+    def _train_docs(self, rng: random.Random) -> Iterator[list[int]]:
+        raise NotImplementedError
+
+    def _pack_eval(self) -> None:
+        self._eval_rows = self._pack(iter(self.eval_docs), n_rows=None)
+
+    def _pack(self, docs: Iterator[list[int]], n_rows: int | None) -> Batch:
+        """Greedy packing: whole documents fill a row while they fit; the rest is padding.
+
+        Each document contributes its tokens but the last as inputs and, at the position before
+        the answer, the answer as the one target. n_rows=None packs until `docs` runs out.
+        """
+        inputs, targets, doc_ids = [], [], []
+        doc = next(docs, None)
+        while doc is not None and (n_rows is None or len(inputs) < n_rows):
+            row, row_targets, row_docs = [], [], []
+            while doc is not None and len(row) + len(doc) - 1 <= self.seq_len:
+                row += doc[:-1]
+                row_targets += [IGNORE_INDEX] * (len(doc) - 2) + [doc[-1]]
+                row_docs += [row_docs[-1] + 1 if row_docs else 0] * (len(doc) - 1)
+                doc = next(docs, None)
+            fill = self.seq_len - len(row)
+            inputs.append(row + [self.pad_id] * fill)
+            targets.append(row_targets + [IGNORE_INDEX] * fill)
+            doc_ids.append(row_docs + [row_docs[-1] + 1] * fill)
+        return Batch(torch.tensor(inputs), torch.tensor(targets), torch.tensor(doc_ids))
