@@ -28,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from looplm.exits import loops_to_full_depth
 from looplm.sweep import is_remote
 
 EVAL_PER_LOOP = ("ce", "acc", "exact_match")
+FRONTIER_METRICS = {"exit_acc": "acc", "exit_exact_match": "exact_match", "exit_loops": "mean_loops"}
 
 
 @dataclass(eq=False)
@@ -51,6 +53,7 @@ class RunResult:
     tokens_per_s: float = math.nan
     eval_step: int = -1
     eval: dict = field(default_factory=dict)  # ce/acc/exact_match/exit_p: per loop; exit_mean, entropy
+    frontier: list = field(default_factory=list)  # early-exit points of the last evaluation (looplm.exits)
     wall_s: float = math.nan
 
     @property
@@ -101,6 +104,7 @@ def read_run(run) -> RunResult:
                        run_dir=str(hp.get("run_dir", "")), steps=int(hp.get("steps", 0)),
                        n_loops=int(hp.get("model", {}).get("n_loops", 0)), created=float(run.creation_time))
     evals: dict[tuple, tuple] = {}
+    frontier: dict[tuple, dict] = {}
     for metric in run.metrics():
         context = metric.context.to_dict()
         subset = context.get("subset")
@@ -112,6 +116,12 @@ def read_run(run) -> RunResult:
                 result.wall_s = float(values[-1])  # the trainer's seconds, summed over requeues
             elif len(values):
                 result.tokens_per_s = float(values[1:].mean() if len(values) > 1 else values[0])
+        elif subset == "eval" and "exit_rule" in context and metric.name in FRONTIER_METRICS:
+            steps, (values,) = metric.data.view("val").numpy()
+            if len(steps):
+                key = (context["exit_rule"], context["threshold"])
+                point = frontier.setdefault(key, {"rule": key[0], "threshold": key[1]})
+                point[FRONTIER_METRICS[metric.name]] = float(values[-1])
         elif subset == "eval":
             steps, (values,) = metric.data.view("val").numpy()
             if len(steps):
@@ -124,6 +134,7 @@ def read_run(run) -> RunResult:
         for name in ("exit_mean", "entropy"):
             if (name, None) in evals:
                 result.eval[name] = evals[name, None][1]
+    result.frontier = [p for p in frontier.values() if len(p) == 5]
     return result
 
 
@@ -182,8 +193,20 @@ class Group:
         getters = {"train_loss": lambda r: float(r.loss[-1]) if len(r.loss) else math.nan,
                    "tokens_per_s": lambda r: r.tokens_per_s, "wall_s": lambda r: r.wall_s,
                    "exit_mean": lambda r: r.eval.get("exit_mean", math.nan),
-                   "entropy": lambda r: r.eval.get("entropy", math.nan)}
+                   "entropy": lambda r: r.eval.get("entropy", math.nan),
+                   "gate_loops": lambda r: loops_to_full_depth(r.frontier).get("q_exit") if r.frontier else None}
         return _stats(getters[name](r) for r in self.runs)
+
+    def frontier(self) -> dict[tuple, tuple]:
+        """(rule, threshold) -> (mean exit loop, token accuracy, exact match), each averaged over seeds;
+        only the points every run of the group has."""
+        per_run = [[(p["rule"], p["threshold"]) for p in r.frontier] for r in self.runs]
+        keys = [k for k in dict.fromkeys(k for keys in per_run for k in keys) if all(k in ks for ks in per_run)]
+        out = {}
+        for key in keys:
+            points = [p for r in self.runs for p in r.frontier if (p["rule"], p["threshold"]) == key]
+            out[key] = tuple(float(np.mean([p[m] for p in points])) for m in ("mean_loops", "acc", "exact_match"))
+        return out
 
     def per_loop(self, name: str) -> list[tuple[float, float, int]]:
         depth = max((len(r.eval.get(name, [])) for r in self.runs), default=0)
@@ -200,7 +223,8 @@ def group_runs(results: list[RunResult], expected: list[Expected] | None) -> lis
 
 
 SCALARS = [("train_loss", "train loss", "{:.4f}"), ("exit_mean", "exit mean", "{:.2f}"),
-           ("entropy", "exit entropy", "{:.3f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+           ("entropy", "exit entropy", "{:.3f}"), ("gate_loops", "Q-exit loops at full acc", "{:.2f}"),
+           ("tokens_per_s", "tokens/s", "{:,.0f}"),
            ("wall_s", "wall s", "{:.0f}")]
 
 
@@ -400,6 +424,27 @@ def plot_exit_distribution(groups: list[Group], path: Path) -> None:
             path)
 
 
+def plot_exit_frontier(groups: list[Group], path: Path) -> None:
+    """Exact match against mean exit loop for each early-exit rule (Ouro's Figure 5), per grid point."""
+    facets = _facets([g for g in groups if g.runs])
+    fig, axes, cols = _figure(max(len(facets), 1))
+    styles = {"static": ":s", "q_exit": "-o", "state_change": "--^"}
+    for i, (panel, members) in enumerate(facets):
+        ax = axes[i // cols][i % cols]
+        for g, label, color in members:
+            frontier = g.frontier()
+            for rule in dict.fromkeys(rule for rule, _ in frontier):
+                line = sorted((loops, em) for (r, _), (loops, _, em) in frontier.items() if r == rule)
+                ax.plot(*zip(*line), styles.get(rule, "-x"), color=color, ms=3,
+                        label=f"{label or g.point}: {rule}")
+        ax.set_title(panel or "early exit", fontsize=10)
+        ax.set_xlabel("mean exit loop")
+        ax.set_ylabel("exact match")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    _finish(fig, axes, len(facets), "early exit: exact match vs mean exit loop\n(mean over seeds)", path)
+
+
 def _finish(fig, axes, n_used: int, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -507,6 +552,7 @@ def main(argv=None) -> int:
     plot_loss_curves(groups, out / "loss_curves.png")
     plot_accuracy_vs_loops(groups, out / "accuracy_vs_loops.png")
     plot_exit_distribution(groups, out / "exit_distribution.png")
+    plot_exit_frontier(groups, out / "exit_frontier.png")
 
     for r in superseded:
         console.print(f"note: run {r.run_hash} of task {r.task} superseded by a later or longer one")
@@ -514,7 +560,7 @@ def main(argv=None) -> int:
         console.print(f"note: run {r.run_hash} ({r.task}, {r.run_dir}) is not a task of {args.expect_tasks} "
                       "with the current overrides: left out")
     console.print(f"wrote {out}/table.csv, table.md, runs.csv, loss_curves.png, accuracy_vs_loops.png, "
-                  "exit_distribution.png", highlight=False)
+                  "exit_distribution.png, exit_frontier.png", highlight=False)
     if problems:
         console.print(f"[bold red]{len(problems)} missing or failed task(s):[/]")
         for task, why in problems:

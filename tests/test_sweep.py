@@ -230,14 +230,14 @@ def test_collect_reports_missing_tasks_by_name_and_writes_the_rest(local_sweep):
     results = tmp / "sweep" / "results"
     header, *rows = csv.reader((results / "table.csv").open())
     assert header[:6] == ["grid_point", "n_seeds", "n_expected", "n_loops", "train_loss_mean", "train_loss_std"]
-    assert "eval_acc_loop8_mean" in header and "wall_s_std" in header
+    assert "eval_acc_loop8_mean" in header and "wall_s_std" in header and "gate_loops_mean" in header
     assert [row[:4] for row in rows] == [["prior=uniform,beta=0.1", "2", "3", "4"],
                                          ["prior=geometric_0.5,beta=0.1", "2", "3", "4"]]
     assert all(float(v) >= 0 for row in rows for v in row[4:])  # every number there, std with 2 seeds
     md = (results / "table.md").read_text()
     assert "| prior=uniform,beta=0.1 | 2/3 | 4 |" in md and "## Missing or failed tasks" in md
     assert "`prior=uniform,beta=0.1,seed=2`: missing" in md
-    for png in ("loss_curves.png", "accuracy_vs_loops.png", "exit_distribution.png"):
+    for png in ("loss_curves.png", "accuracy_vs_loops.png", "exit_distribution.png", "exit_frontier.png"):
         data = (results / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, png
     assert "grid point" in out and "± " in out  # the rich table, with mean ± std
@@ -250,6 +250,25 @@ def test_analyze_without_expectations_counts_every_finished_run(local_sweep, tmp
     _, *rows = csv.reader((tmp_path / "table.csv").open())
     assert proc.returncode == 0 and [row[:3] for row in rows] == [["prior=uniform,beta=0.1", "2", "2"],
                                                                   ["prior=geometric_0.5,beta=0.1", "2", "2"]]
+
+
+def test_collected_exit_frontier_equals_each_runs_summary(local_sweep):
+    """The early-exit points analyze reads back from Aim are the ones each run wrote to its
+    summary.json; the table's Q-exit column is looplm.exits.loops_to_full_depth of them."""
+    from looplm.analyze import group_runs, read_experiment
+    from looplm.exits import loops_to_full_depth, read_frontier
+    from looplm.tracking import open_repo
+
+    tmp, _ = local_sweep
+    results = read_experiment(open_repo(str(tmp / "aim")), "prior_ablation")
+    assert len(results) == 4
+    for r in results:
+        key = lambda p: (p["rule"], p["threshold"])  # noqa: E731
+        want = sorted(read_frontier(r.run_dir), key=key)
+        assert sorted(r.frontier, key=key) == want
+    for g in group_runs(results, None):
+        gate = [loops_to_full_depth(r.frontier)["q_exit"] for r in g.runs]
+        assert g.scalar("gate_loops")[0] == pytest.approx(sum(gate) / len(gate))
 
 
 def test_resume_continues_the_same_aim_run_after_a_hard_kill(tmp_path):
