@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from looplm.exits import loops_to_full_depth
+from looplm.exits import draw_frontier, loops_to_full_depth
 from looplm.sweep import is_remote
 
 EVAL_PER_LOOP = ("ce", "acc", "exact_match")
@@ -197,15 +197,16 @@ class Group:
                    "gate_loops": lambda r: loops_to_full_depth(r.frontier).get("q_exit") if r.frontier else None}
         return _stats(getters[name](r) for r in self.runs)
 
-    def frontier(self) -> dict[tuple, tuple]:
-        """(rule, threshold) -> (mean exit loop, token accuracy, exact match), each averaged over seeds;
-        only the points every run of the group has."""
+    def frontier(self) -> list[dict]:
+        """Early-exit points (looplm.exits) averaged over seeds: mean exit loop, token accuracy and
+        exact match per (rule, threshold); only the points every run of the group has."""
         per_run = [[(p["rule"], p["threshold"]) for p in r.frontier] for r in self.runs]
         keys = [k for k in dict.fromkeys(k for keys in per_run for k in keys) if all(k in ks for ks in per_run)]
-        out = {}
-        for key in keys:
-            points = [p for r in self.runs for p in r.frontier if (p["rule"], p["threshold"]) == key]
-            out[key] = tuple(float(np.mean([p[m] for p in points])) for m in ("mean_loops", "acc", "exact_match"))
+        out = []
+        for rule, threshold in keys:
+            points = [p for r in self.runs for p in r.frontier if (p["rule"], p["threshold"]) == (rule, threshold)]
+            out.append({"rule": rule, "threshold": threshold,
+                        **{m: float(np.mean([p[m] for p in points])) for m in ("mean_loops", "acc", "exact_match")}})
         return out
 
     def per_loop(self, name: str) -> list[tuple[float, float, int]]:
@@ -428,15 +429,10 @@ def plot_exit_frontier(groups: list[Group], path: Path) -> None:
     """Exact match against mean exit loop for each early-exit rule (Ouro's Figure 5), per grid point."""
     facets = _facets([g for g in groups if g.runs])
     fig, axes, cols = _figure(max(len(facets), 1))
-    styles = {"static": ":s", "q_exit": "-o", "state_change": "--^"}
     for i, (panel, members) in enumerate(facets):
         ax = axes[i // cols][i % cols]
         for g, label, color in members:
-            frontier = g.frontier()
-            for rule in dict.fromkeys(rule for rule, _ in frontier):
-                line = sorted((loops, em) for (r, _), (loops, _, em) in frontier.items() if r == rule)
-                ax.plot(*zip(*line), styles.get(rule, "-x"), color=color, ms=3,
-                        label=f"{label or g.point}: {rule}")
+            draw_frontier(ax, g.frontier(), label=label or g.point, color=color)
         ax.set_title(panel or "early exit", fontsize=10)
         ax.set_xlabel("mean exit loop")
         ax.set_ylabel("exact match")

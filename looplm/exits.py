@@ -145,6 +145,17 @@ def loops_to_full_depth(points: list[dict], tolerance: float = 0.005) -> dict:
     return best
 
 
+RULE_STYLES = {"static": ":s", "q_exit": "-o", "state_change": "--^"}
+
+
+def draw_frontier(ax, points: list[dict], metric: str = "exact_match", label: str = "", **style) -> None:
+    """One line per rule of `points` on a matplotlib axis: `metric` against mean exit loop."""
+    for rule in dict.fromkeys(p["rule"] for p in points):
+        line = sorted((p["mean_loops"], p[metric]) for p in points if p["rule"] == rule)
+        ax.plot(*zip(*line), RULE_STYLES.get(rule, "-x"), ms=4, label=f"{label}: {rule}" if label else rule,
+                **style)
+
+
 def plot_frontier(frontiers: dict[str, list[dict]], metric: str, path) -> None:
     """Accuracy against mean exit loop: one line per (run, rule), Ouro's Figure 5 layout."""
     import matplotlib
@@ -153,11 +164,8 @@ def plot_frontier(frontiers: dict[str, list[dict]], metric: str, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    styles = {"static": "s:", "q_exit": "o-", "state_change": "^--"}
     for run, points in frontiers.items():
-        for rule in dict.fromkeys(p["rule"] for p in points):
-            line = sorted((p["mean_loops"], p[metric]) for p in points if p["rule"] == rule)
-            ax.plot(*zip(*line), styles.get(rule, "x-"), label=f"{run}: {rule}", alpha=0.85)
+        draw_frontier(ax, points, metric, label=run, alpha=0.85)
     ax.set_xlabel("mean exit loop")
     ax.set_ylabel(metric.replace("_", " "))
     ax.grid(alpha=0.3)
