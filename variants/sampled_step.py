@@ -367,7 +367,8 @@ class SampledStep(LossEstimator):
         device, dtype = log_p_upto.device, log_p_upto.dtype
         at_loop = (loops.to(device) - 1)[:, None, None].expand(*ro.mask.shape, 1)
         log_p = log_p_upto.gather(-1, at_loop).squeeze(-1)  # (B, S): each row's own p_t
-        ratio = (w / q).to(device, dtype)[loops - 1][:, None]  # w_t / q_t per row
+        q_row, w_row = q[loops - 1], w[loops - 1]  # each row's q_t and w_t
+        ratio = (w_row / q_row).to(device, dtype)[:, None]
         mask = ro.mask.to(dtype)
         n_tok = ro.mask.sum().clamp_min(1)
         if torch.is_grad_enabled():
@@ -380,7 +381,7 @@ class SampledStep(LossEstimator):
         per_token = ratio * log_p.exp() * at_least_float32(ce)
         if prior.beta:
             prior_t = prior.loop_terms(log_p_upto, T).gather(-1, at_loop).squeeze(-1)
-            per_token = per_token + prior.beta * prior_t / q.to(device, dtype)[loops - 1][:, None]
+            per_token = per_token + prior.beta * prior_t / q_row.to(device, dtype)[:, None]
         ce, correct = ce.detach() * mask, correct.to(dtype) * mask
         for t in torch.unique(loops).tolist():
             rows = (loops == t).to(device)
@@ -390,7 +391,7 @@ class SampledStep(LossEstimator):
                 self.proposal.observe(t, mean_ce)
         metrics = {"sampled_loop": loops.double().mean().item(),
                    "sampled_ce": float(ce.sum() / n_tok), "sampled_acc": float(correct.sum() / n_tok),
-                   "q_t": q[loops - 1].mean().item(), "weight": w[loops - 1].mean().item()}
+                   "q_t": q_row.mean().item(), "weight": w_row.mean().item()}
         return (per_token * mask).sum() / n_tok + carrier, metrics
 
     def validate(self, recipe):
