@@ -7,7 +7,7 @@ Jacobian penalty (which should degrade less beyond the trained T), 3 seeds each.
     sbatch sweeps/depth.slurm
 """
 
-from looplm.sweep import Bundle, Sweep
+from looplm.lab import Bundle, Sweep
 
 SWEEP = Sweep(
     name="depth",

@@ -12,7 +12,7 @@ At T = 1 the Stage I loss is plain next-token cross-entropy (p_1 = 1, no entropy
     sbatch sweeps/looping.slurm
 """
 
-from looplm.sweep import Bundle, Sweep
+from looplm.lab import Bundle, Sweep
 
 SWEEP = Sweep(
     name="looping",

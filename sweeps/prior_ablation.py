@@ -8,7 +8,7 @@ accuracy-vs-depth frontier; compare `exit mean` with accuracy in the collected t
     sbatch sweeps/prior_ablation.slurm
 """
 
-from looplm.sweep import Sweep
+from looplm.lab import Sweep
 
 LAMBDAS = [0.1, 0.3, 0.5, 0.7, 0.9]  # Ouro's range, 0.1..0.9
 BETAS = [0.01, 0.05, 0.1]  # Ouro: 0.1 in Stage I, 0.05 later

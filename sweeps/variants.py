@@ -13,7 +13,7 @@ each variant its own gin file, 3 seeds each, on the embedded addition task:
     sbatch sweeps/variants.slurm
 """
 
-from looplm.sweep import Bundle, Sweep
+from looplm.lab import Bundle, Sweep
 
 SWEEP = Sweep(
     name="variants",

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from looplm import sweep as sw
 from looplm.exits import default_rules
-from looplm.sweep import Bundle, Sweep
+from looplm.lab import Bundle, Sweep
+from looplm.lab.declaration import load
+from looplm.lab.launch import run_argv
+from looplm.lab.paths import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.py"))
@@ -100,13 +102,13 @@ def test_environment_overrides(tmp_path):
     env = {"LOOPLM_SWEEP_GRID": "prior=uniform;beta=0.1", "LOOPLM_SWEEP_SEEDS": "3 4",
            "LOOPLM_SWEEP_BIND": "train.steps = 6;\ntrain.eval_every = 3",
            "LOOPLM_SWEEP_DIR": str(tmp_path / "out"), "LOOPLM_AIM_REPO": "aim://host:53800"}
-    sweep = sw.load(PRIOR, env)
+    sweep = load(PRIOR, env)
     tasks = sweep.tasks()
     assert [t.name for t in tasks] == ["prior=uniform,beta=0.1,seed=3", "prior=uniform,beta=0.1,seed=4"]
-    where = sw.paths(sweep, env)
+    where = paths(sweep, env)
     assert where.run_dir(tasks[1]) == tmp_path / "out" / "prior=uniform,beta=0.1,seed=4"
     assert where.repo == "aim://host:53800" and where.remote
-    argv = sw.run_argv(sweep, tasks[1], where)
+    argv = run_argv(sweep, tasks[1], where)
     binds = argv[1::2][argv[0::2].index("--bind"):]
     # the sweep's bindings, the grid point's, the overrides, then what the sweep sets itself
     assert binds[:6] == ["import variants.priors", "Recipe.prior = @UniformPrior()", "UniformPrior.beta = 0.1",
@@ -122,13 +124,15 @@ def test_every_task_of_the_shipped_sweeps_is_a_valid_gin_config(path):
     known); the hparams literal comes back as the dict the sweep wrote."""
     code = f"""
 import gin, sys
-from looplm import sweep as sw
+from looplm.lab.declaration import load
+from looplm.lab.launch import run_argv
+from looplm.lab.paths import paths
 from looplm.run import parse_config
 from looplm.train import train
-s = sw.load({str(path)!r}, {{}})
-where = sw.paths(s, {{}})
+s = load({str(path)!r}, {{}})
+where = paths(s, {{}})
 for task in s.tasks():
-    argv = sw.run_argv(s, task, where)
+    argv = run_argv(s, task, where)
     gin.clear_config()
     parse_config(argv[1::2][:argv.count("--gin")], argv[1::2][argv.count("--gin"):])
     hparams = gin.query_parameter("train.hparams")
@@ -138,14 +142,14 @@ print(len(s.tasks()))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) == len(sw.load(path, {}).tasks())
+    assert int(out.stdout.split()[-1]) == len(load(path, {}).tasks())
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_slurm_script_matches_its_declaration(path):
     script = path.with_suffix(".slurm").read_text()
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S*))?", script, re.MULTILINE))
-    sweep = sw.load(path, {})
+    sweep = load(path, {})
     assert sbatch["array"] == f"0-{len(sweep.tasks()) - 1}", "the --array line must cover the grid"
     assert sbatch["job-name"] == sweep.name
     assert "%A_%a" in sbatch["output"] and sbatch["open-mode"] == "append"
@@ -191,7 +195,7 @@ def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
     from looplm.tracking import open_repo
 
     tmp, env = local_sweep
-    tasks = {t.name: t for t in sw.load(PRIOR, env).tasks()}
+    tasks = {t.name: t for t in load(PRIOR, env).tasks()}
     runs = [r for r in open_repo(str(tmp / "aim")).iter_runs() if r.experiment == "prior_ablation"]
     names = sorted(r["hparams"]["task"] for r in runs)
     assert names == sorted(tasks[n].name for n in tasks if not n.endswith("seed=2"))
@@ -255,7 +259,8 @@ def test_analyze_without_expectations_counts_every_finished_run(local_sweep, tmp
 def test_collected_exit_frontier_equals_each_runs_summary(local_sweep):
     """The early-exit points analyze reads back from Aim are the ones each run wrote to its
     summary.json; the table's Q-exit column is looplm.exits.loops_to_full_depth of them."""
-    from looplm.analyze import group_runs, read_experiment
+    from looplm.lab.aim_runs import read_experiment
+    from looplm.lab.groups import group_runs
     from looplm.exits import loops_to_full_depth, read_frontier
     from looplm.tracking import open_repo
 
@@ -305,7 +310,7 @@ def test_a_task_with_several_runs_counts_once():
     partial run of a re-submission: the complete one counts, whatever the order."""
     import numpy as np
 
-    from looplm.analyze import RunResult, dedupe
+    from looplm.lab.aim_runs import RunResult, dedupe
 
     def run(name, steps_done, created):
         r = RunResult(name, "task", 0, "point", 0, "/sweep/task", steps=6, n_loops=4, created=created)

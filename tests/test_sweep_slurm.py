@@ -9,7 +9,7 @@ import pytest
 import torch
 from slurm_cluster import poll
 
-from looplm import sweep as sw
+from looplm.lab.declaration import load
 
 pytestmark = pytest.mark.slurm
 
@@ -27,7 +27,7 @@ def submit(cluster, tmp: Path, grid: str, seeds: str, bind: str) -> tuple[str, d
                  "LOOPLM_SWEEP_DIR": str(tmp / "sweep"), "LOOPLM_AIM_REPO": str(tmp / "aim"),
                  "LOOPLM_ROOT": str(ROOT)}
     assert not any("," in v for v in overrides.values())
-    n = len(sw.load(PRIOR, overrides).tasks())
+    n = len(load(PRIOR, overrides).tasks())
     export = ",".join(["ALL", *(f"{k}={v}" for k, v in overrides.items())])
     array_id = cluster.submit([f"--export={export}", f"--array=0-{n - 1}", f"--chdir={ROOT}",
                                f"--output={tmp}/%x_%A_%a.out", str(SCRIPT)])
@@ -69,7 +69,7 @@ def test_sbatch_prior_ablation_end_to_end(slurm_cluster, tmp_path):  # noqa: F81
 
     assert slurm_cluster.array_states(array_id) == {i: "COMPLETED" for i in range(4)}, logs(tmp_path)
     assert slurm_cluster.job_state(collect_id) == "COMPLETED", logs(tmp_path)
-    tasks = sw.load(PRIOR, env).tasks()
+    tasks = load(PRIOR, env).tasks()
     for task in tasks:  # one log per task, named %A_%a
         assert f"task {array_id}_{task.id} " in (tmp_path / f"prior_ablation_{array_id}_{task.id}.out").read_text()
     runs = metric_steps(tmp_path / "aim")

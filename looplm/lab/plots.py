@@ -1,0 +1,160 @@
+"""The collected plots: loss curves, accuracy against loop count, exit distribution and the
+early-exit frontier, one panel per value of the first grid axis, mean ± std over seeds."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from looplm.exits import draw_frontier
+from looplm.lab.groups import Group
+
+
+def _facets(groups: list[Group]):
+    """Panels by the first grid axis (when there are two or more axes), one colour per value of
+    the remaining axes, the same colour in every panel."""
+    def split(point):
+        parts = point.split(",")
+        return (parts[0], ",".join(parts[1:])) if len(parts) > 1 else ("", point)
+
+    panels = list(dict.fromkeys(split(g.point)[0] for g in groups))
+    series = list(dict.fromkeys(split(g.point)[1] for g in groups))
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(series) <= 10 else "tab20"]
+    colors = {s: cmap(i % cmap.N) for i, s in enumerate(series)}
+    return [(panel, [(g, split(g.point)[1], colors[split(g.point)[1]]) for g in groups
+                     if split(g.point)[0] == panel]) for panel in panels]
+
+
+def _figure(n_panels: int, n_rows: int = 1, width: float = 5.0, height: float = 3.6):
+    """Panels side by side (3 per row), one shared y scale so that panels compare at a glance."""
+    import matplotlib.pyplot as plt
+
+    cols = min(n_panels, 3)
+    panel_rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(panel_rows * n_rows, cols, figsize=(width * cols, height * panel_rows * n_rows),
+                             squeeze=False, sharey="row" if n_rows > 1 else True)
+    return fig, axes, cols
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    head = np.array([values[: i + 1].mean() for i in range(window - 1)])
+    return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
+
+
+def plot_loss_curves(groups: list[Group], path: Path) -> None:
+    facets = _facets([g for g in groups if g.runs])
+    fig, axes, cols = _figure(max(len(facets), 1))
+    longest = max((len(r.loss) for g in groups for r in g.runs), default=0)
+    window = max(1, longest // 50)
+    all_values = []
+    for i, (panel, members) in enumerate(facets):
+        ax = axes[i // cols][i % cols]
+        for g, label, color in members:
+            n = min(len(r.loss) for r in g.runs)
+            curves = np.stack([_smooth(r.loss[:n], window) for r in g.runs])
+            steps = g.runs[0].loss_steps[:n]
+            mean = curves.mean(0)
+            ax.plot(steps, mean, color=color, label=f"{label or g.point} (n={len(g.runs)})", lw=1.5)
+            if len(g.runs) > 1:
+                std = curves.std(0, ddof=1)
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            all_values.append(curves)
+        ax.set_title(panel or "train loss", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss (objective)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    values = np.concatenate([c.ravel() for c in all_values]) if all_values else np.ones(1)
+    if values.min() > 0 and values.max() / values.min() > 10:
+        for ax in axes.ravel():
+            ax.set_yscale("log")
+    smoothing = f"moving average over {window} steps" if window > 1 else "per step"
+    _finish(fig, axes, len(facets), f"train loss: the objective, prior term included ({smoothing}); "
+                                    "band: mean ± std over seeds", path)
+
+
+def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
+    facets = _facets([g for g in groups if g.runs])
+    n = max(len(facets), 1)
+    fig, axes, cols = _figure(n, n_rows=2)
+    panel_rows = math.ceil(n / cols)
+    for i, (panel, members) in enumerate(facets):
+        for row, (name, title) in enumerate([("acc", "token accuracy"), ("exact_match", "exact match")]):
+            ax = axes[row * panel_rows + i // cols][i % cols]
+            for g, label, color in members:
+                stats = g.per_loop(name)
+                loops = np.arange(1, len(stats) + 1)
+                mean = np.array([s[0] for s in stats])
+                std = np.nan_to_num(np.array([s[1] for s in stats]))
+                ax.plot(loops, mean, "-o", color=color, ms=3, label=f"{label or g.point}")
+                ax.fill_between(loops, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+                T = g.n_loops
+                if 0 < T <= len(mean):
+                    ax.plot([T], [mean[T - 1]], "*", color=color, ms=12, mec="black", mew=0.6)
+            ax.set_title(f"{panel + ': ' if panel else ''}{title}", fontsize=10)
+            ax.set_xlabel("loops at evaluation")
+            ax.set_ylabel(title)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    for extra in range(len(facets), panel_rows * cols):
+        for row in range(2):
+            axes[row * panel_rows + extra // cols][extra % cols].axis("off")
+    _finish(fig, axes, axes.size, "held-out accuracy vs loop count (★ trained T); band: ± std over seeds", path)
+
+
+def plot_exit_distribution(groups: list[Group], path: Path) -> None:
+    facets = _facets([g for g in groups if g.runs])
+    fig, axes, cols = _figure(max(len(facets), 1))
+    for i, (panel, members) in enumerate(facets):
+        ax = axes[i // cols][i % cols]
+        width = 0.8 / max(len(members), 1)
+        for j, (g, label, color) in enumerate(members):
+            stats = g.per_loop("exit_p")
+            loops = np.arange(1, len(stats) + 1)
+            mean = np.array([s[0] for s in stats])
+            std = np.nan_to_num(np.array([s[1] for s in stats]))
+            exit_mean = g.scalar("exit_mean")[0]
+            ax.bar(loops - 0.4 + width * (j + 0.5), mean, width, yerr=std if len(g.runs) > 1 else None,
+                   color=color, capsize=2, label=f"{label or g.point} (mean exit {exit_mean:.2f})")
+        ax.set_title(panel or "exit distribution", fontsize=10)
+        ax.set_xlabel("exit loop t")
+        ax.set_ylabel("mean p(exit at t)")
+        ax.set_xticks(range(1, max((g.n_loops for g, _, _ in members), default=1) + 1))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    _finish(fig, axes, len(facets), "mean exit distribution on held-out data; error bars: std over seeds",
+            path)
+
+
+def plot_exit_frontier(groups: list[Group], path: Path) -> None:
+    """Exact match against mean exit loop for each early-exit rule (Ouro's Figure 5), per grid point."""
+    facets = _facets([g for g in groups if g.runs])
+    fig, axes, cols = _figure(max(len(facets), 1))
+    for i, (panel, members) in enumerate(facets):
+        ax = axes[i // cols][i % cols]
+        for g, label, color in members:
+            draw_frontier(ax, g.frontier(), label=label or g.point, color=color)
+        ax.set_title(panel or "early exit", fontsize=10)
+        ax.set_xlabel("mean exit loop")
+        ax.set_ylabel("exact match")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    _finish(fig, axes, len(facets), "early exit: exact match vs mean exit loop\n(mean over seeds)", path)
+
+
+def _finish(fig, axes, n_used: int, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes.ravel()[n_used:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
