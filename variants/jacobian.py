@@ -7,15 +7,16 @@ stopped at loop t) with x a fresh leaf: gradients reach the parameters only, nev
 trajectory. Three estimators, each named for what it computes:
 
     stars_jacobian       PowerIterationJacobian: STARS' term. v ~ N(0, I) over the whole (B, S, d)
-                         tensor, normalised; repeat u = J^T v (a VJP), v = u / ||u||; reg = ||u||^2.
-                         ONE iteration is a one-probe Hutchinson estimate of ||J||_F^2 / n,
-                         n = B*S*d (E[||J^T v||^2] = tr(J J^T) / n for v uniform on the sphere):
-                         a per-entry mean, NOT the Frobenius norm. More iterations iterate J^T
-                         on its own output, which converges to J^T's dominant *eigenvector*:
-                         ||u||^2 then tends to |lambda_max(J)|^2 (when that eigenvalue is real
-                         and simple), which is <= sigma_max(J)^2 and equals it only for a normal
-                         J. (REFERENCE 4 says "approach the squared spectral norm"; that holds for
-                         symmetric J only.) Use spectral_jacobian for sigma_max^2.
+                         tensor, normalised; u = J^T v (a VJP); reg = ||u||^2. ONE iteration (the
+                         default, what STARS does) is a one-probe Hutchinson estimate of
+                         ||J||_F^2 / n, n = B*S*d (E[||J^T v||^2] = tr(J J^T) / n for v uniform
+                         on the sphere): a per-entry mean, NOT the Frobenius norm. With k > 1
+                         iterations the u's are power iteration on J^T J (v <- J u / ||J u||, then
+                         u = J^T v: one JVP and one VJP a round), so reg tends to sigma_max(J)^2,
+                         the squared spectral norm. (Iterating u = J^T v on its own output, as
+                         REFERENCE 4 once read, is power iteration on J^T: it oscillates when J's
+                         dominant eigenvalues are a complex pair and converges to |lambda_max|^2
+                         <= sigma_max^2 otherwise.)
     hutchinson_jacobian  HutchinsonJacobian: the unscaled estimate of ||J||_F^2 = E||J eps||^2
                          (mode="jvp", forward mode) or E||J^T eps||^2 (mode="vjp"), eps ~ N(0, I),
                          averaged over `probes`. Its size grows with n = B*S*d: a weight that
@@ -34,8 +35,8 @@ Implementation notes: the double backward that the penalty's gradient needs is n
 for PyTorch's fused attention kernels (e.g. `_scaled_dot_product_flash_attention_for_cpu_backward`),
 so g runs under `sdpa_kernel(SDPBackend.MATH)`; for the same reason these regularisers cannot
 run through `torch.compile`d layers (train.compile=True). Each costs extra stack applications
-per step: stars_jacobian 1 forward + `iterations` VJPs, hutchinson `probes` JVPs or VJPs,
-spectral `iterations` JVP+VJP pairs plus one JVP.
+per step: stars_jacobian 1 forward + `iterations` VJPs + `iterations - 1` JVPs, hutchinson
+`probes` JVPs or VJPs, spectral `iterations` JVP+VJP pairs plus one JVP.
 """
 
 
@@ -57,6 +58,20 @@ def loop_map(model, ctx):
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm().clamp_min(torch.finfo(t.dtype).tiny)
+
+
+def _gram_power(g, x: torch.Tensor, w: torch.Tensor, rounds: int) -> torch.Tensor:
+    """`rounds` steps of power iteration on J^T J from the unit vector w (one JVP and one VJP each,
+    no graph: the parameters need none while w converges to the top right singular vector)."""
+    if rounds == 0:
+        return w
+    with torch.no_grad():
+        _, vjp_fn = torch.func.vjp(g, x.detach())
+        for _ in range(rounds):
+            _, jw = torch.func.jvp(g, (x.detach(),), (w,))
+            (u,) = vjp_fn(jw)
+            w = _unit(u)
+    return w.detach()
 
 
 class JacobianRegularizer(Regularizer):
@@ -110,10 +125,11 @@ class JacobianRegularizer(Regularizer):
 
 @REGULARIZERS.register("stars_jacobian")
 class PowerIterationJacobian(JacobianRegularizer):
-    """STARS: `iterations` rounds of v <- J^T v / ||J^T v|| from a random unit v; reg = ||J^T v||^2
-    of the last round. One iteration: a one-probe Hutchinson estimate of ||J||_F^2 / n; more:
-    towards |lambda_max(J)|^2, not sigma_max^2 (module docstring). Only the last VJP keeps a
-    graph (create_graph=True); v is detached between rounds."""
+    """STARS: reg = ||J^T v||^2 at a random unit v (one iteration: a one-probe Hutchinson estimate
+    of ||J||_F^2 / n). `iterations` = k > 1 first refines v by k - 1 rounds of power iteration on
+    J^T J (without graph), so that reg -> sigma_max^2; only the last VJP keeps a graph
+    (create_graph=True), and once v has converged the envelope theorem makes its gradient that of
+    sigma_max^2."""
 
     default_mix = True
 
@@ -126,12 +142,17 @@ class PowerIterationJacobian(JacobianRegularizer):
     def estimate(self, g, x, generator):
         y = g(x)
         v = _unit(self.normal_like(x, generator))
-        for i in range(self.iterations):
-            last = i == self.iterations - 1
-            (u,) = torch.autograd.grad(y, x, v, create_graph=last, retain_graph=True)
-            if not last:
-                v = _unit(u.detach())
+        if self.iterations > 1:
+            with torch.no_grad():
+                (u,) = torch.autograd.grad(y, x, v, retain_graph=True)
+                w = _gram_power(g, x, _unit(u), self.iterations - 2)  # u_{k-1} / ||u_{k-1}||
+                v = _unit(torch.func.jvp(g, (x.detach(),), (w,))[1])
+        (u,) = torch.autograd.grad(y, x, v, create_graph=True)
         return u.pow(2).sum()
+
+    def describe(self):
+        return (f"PowerIterationJacobian(weight={self.weight}, warmup_steps={self.warmup_steps}, "
+                f"mix={self.mix}, iterations={self.iterations})")
 
 
 @REGULARIZERS.register("hutchinson_jacobian")
@@ -186,14 +207,8 @@ class SpectralJacobian(JacobianRegularizer):
 
     def estimate(self, g, x, generator):
         x = x.detach()
-        v = _unit(self.normal_like(x, generator))
-        with torch.no_grad():  # the parameters need no graph while v converges
-            _, vjp_fn = torch.func.vjp(g, x)
-            for _ in range(self.iterations):
-                _, jv = torch.func.jvp(g, (x,), (v,))
-                (u,) = vjp_fn(jv)
-                v = _unit(u)
-        _, jv = torch.func.jvp(g, (x,), (v.detach(),))
+        v = _gram_power(g, x, _unit(self.normal_like(x, generator)), self.iterations)
+        _, jv = torch.func.jvp(g, (x,), (v,))
         return jv.pow(2).sum()
 
     def describe(self):
