@@ -30,6 +30,10 @@ class TrainProgress:
     def __exit__(self, *exc):
         self.bar.stop()
 
+    def start_at(self, step: int) -> None:
+        """A resumed run's bar starts where its checkpoint is."""
+        self.bar.update(self.task, completed=step)
+
     def update(self, step: int, metrics: dict) -> None:
         status = (f"loss {metrics['loss']:.4f} | ce/loop {_loops(metrics.get('ce', []))} "
                   f"| {metrics['tokens_per_s']:,.0f} tok/s")

@@ -5,6 +5,9 @@ and compare loops; evaluation metrics carry `{"subset": "eval"}`, early-exit fro
 `{"exit_rule": name, "threshold": x}` as well.
 """
 
+import fcntl
+from pathlib import Path
+
 import gin
 
 
@@ -20,6 +23,7 @@ class Tracker:
             return None
         import aim
 
+        ensure_repo(self.repo)
         if run_hash:
             self.run = aim.Run(run_hash=run_hash, repo=self.repo)
         else:
@@ -51,6 +55,22 @@ class Tracker:
         if self.run is not None:
             self.run.close()
             self.run = None
+
+
+def ensure_repo(repo: str) -> None:
+    """Create the Aim repo once, under a file lock: runs that start together into a new repo
+    would otherwise race in Aim's own initialisation and all but one fail ("out of date")."""
+    from aim.sdk.repo import Repo, RepoStatus
+
+    # a repo being created exists before its version file does, and reads as "out of date"
+    unready = (RepoStatus.MISSING, RepoStatus.UPDATE_REQUIRED)
+    if Repo.check_repo_status(repo) not in unready:
+        return
+    Path(repo).mkdir(parents=True, exist_ok=True)
+    with open(Path(repo) / ".looplm-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if Repo.check_repo_status(repo) == RepoStatus.MISSING:
+            Repo.from_path(repo, init=True)
 
 
 def open_repo(path: str):

@@ -1,13 +1,14 @@
-"""The training loop: one recipe, AdamW, warm-up + cosine, clipping, accumulation, periodic
-evaluation, atomic checkpoints with exact resume, Aim tracking and a progress bar.
+"""The training loop: one recipe, AdamW, warm-up + cosine, clipping, token-weighted accumulation,
+periodic evaluation, atomic checkpoints with exact resume, Aim tracking and a progress bar.
 
 A job that receives SIGUSR1 or SIGTERM (a SLURM pre-emption warning) finishes its step, writes a
-checkpoint and exits with PREEMPTED_EXIT_CODE; started again in the same run directory it resumes
-from there and keeps writing into the same Aim run.
+checkpoint and exits with PREEMPTED_EXIT_CODE; started again in the same run directory with the
+same config it resumes from there and keeps writing into the same Aim run (looplm.rundir). Ctrl-C
+does the same and exits with INTERRUPTED_EXIT_CODE. A non-finite loss, gradient or parameter stops
+the run at that step with the last good checkpoint untouched (looplm.nonfinite).
 """
 
 import contextlib
-import json
 import random
 import signal
 import time
@@ -17,21 +18,27 @@ from pathlib import Path
 import gin
 import torch
 
-from looplm import checkpoint
+from looplm import checkpoint, compose
+from looplm import nonfinite as nonfinite_guard
 from looplm.config import ModelConfig
 from looplm.evaluate import evaluate
 from looplm.model import LoopLM
 from looplm.optim import build_optimizer, lr_multiplier
 from looplm.progress import TrainProgress
 from looplm.recipe import Recipe
+from looplm.rundir import AlreadyComplete, open_run, write_summary
 from looplm.tracking import Tracker
 
 PREEMPTED_EXIT_CODE = 3
+NONFINITE_EXIT_CODE = 4
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C
+COSMETIC = frozenset({"run_dir", "progress", "log_every"})  # may change between starts of one run
 
 
 class RunControl:
     """Shared with the caller: whether training has started (an error before that is a config
-    error), and the pre-emption signal received, which the loop checks between steps."""
+    error), and the stop signal received, which the loop checks between steps. A second Ctrl-C
+    interrupts at once."""
 
     def __init__(self):
         self.started = False
@@ -39,19 +46,14 @@ class RunControl:
 
     def __call__(self, signum, frame):
         self.raised = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again quits without saving)",
+                  flush=True)
 
     def install(self):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self)
-
-
-def _average(metric_dicts: list[dict]) -> dict:
-    out = {}
-    for key in metric_dicts[0]:
-        values = [m[key] for m in metric_dicts]
-        out[key] = ([sum(v) / len(v) for v in zip(*values)] if isinstance(values[0], list)
-                    else sum(values) / len(values))
-    return out
 
 
 def _autocast(device: str, precision: str):
@@ -62,130 +64,237 @@ def _autocast(device: str, precision: str):
     raise ValueError(f"precision={precision!r}; choose 'fp32' or 'bf16'")
 
 
-@gin.configurable(denylist=["control"])
+def _simple(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str)) or (
+        isinstance(value, (tuple, list)) and all(_simple(v) for v in value))
+
+
+def run_config(settings: dict, cfg: ModelConfig, recipe: Recipe, task) -> dict:
+    """The flat settings a run is defined by, compared when a run folder is reused."""
+    flat = {f"train.{k}": repr(v) for k, v in settings.items() if k not in COSMETIC}
+    flat |= {f"model.{k}": repr(v) for k, v in asdict(cfg).items()}
+    flat |= {f"recipe.{k}": v for k, v in recipe.describe().items()}
+    flat["task"] = type(task).__name__ + repr({k: v for k, v in sorted(vars(task).items()) if _simple(v)})
+    flat |= {f"gin: {k}": v for k, v in compose.bindings_in_force().items()
+             if k.removeprefix("train.") not in COSMETIC}
+    return flat
+
+
+def _weighted_mean(metric_dicts: list[dict], weights: list[float]) -> dict:
+    total = sum(weights) or 1.0
+    out = {}
+    for key, first in metric_dicts[0].items():
+        values = [m[key] for m in metric_dicts]
+        if isinstance(first, list):
+            out[key] = [sum(w * v for w, v in zip(weights, col)) / total for col in zip(*values)]
+        else:
+            out[key] = sum(w * v for w, v in zip(weights, values)) / total
+    return out
+
+
+def train_step(model, recipe, batches, step, autocast, trainable, grad_clip):
+    """Forward and backward over the micro-batches of one optimizer step, each weighted by its
+    share of the supervised tokens, so the gradient is the full batch's. Returns (loss, metrics,
+    grad norm); the optimizer has not stepped yet."""
+    tokens = [max(b.n_targets, 1) for b in batches]
+    micro_metrics = []
+    for batch, n in zip(batches, tokens):
+        with autocast:
+            loss, metrics = recipe.loss(model, batch, step)
+        (loss * (n / sum(tokens))).backward()
+        micro_metrics.append({"loss": loss.item(), **metrics})
+    for part in recipe.parts().values():
+        part.end_step()  # state learned from the step changes once, from all its micro-batches
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip).item()
+    metrics = _weighted_mean(micro_metrics, tokens)
+    return metrics["loss"], metrics, grad_norm
+
+
+@gin.configurable(denylist=["control", "existing", "dry_run"])
 def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Recipe | None = None,
           run_dir: str = "runs/default", steps: int = 1000, batch_size: int = 64, grad_accum: int = 1,
           grad_clip: float = 1.0, precision: str = "fp32", device: str = "cpu", seed: int = 0,
           eval_every: int = 250, eval_max_loops: int | None = None, eval_batch_size: int = 256,
-          eval_max_batches: int | None = None, checkpoint_every: int = 250, resume: bool = True,
+          eval_max_batches: int | None = None, checkpoint_every: int = 250,
           init_from: str | None = None, log_every: int = 50, compile: bool = False,
+          nonfinite: str = "stop", max_skipped_steps: int = 10,
           tracker: Tracker | None = None, progress: bool = True, hparams: dict | None = None,
-          control: RunControl | None = None) -> dict:
+          control: RunControl | None = None, existing: str = "resume", dry_run: bool = False) -> dict:
     """Train and return a summary: final train metrics, the last evaluation and the loss history.
 
     init_from: a checkpoint file or run directory whose model weights start this run (e.g. Stage
     II gate training on a Stage I model). eval_max_loops: deepest loop count evaluated (2T).
+    existing: what to do with a run already in run_dir (looplm.rundir). nonfinite: "stop" or
+    "skip" (looplm.nonfinite). dry_run: build and validate everything, return it, train nothing.
     """
-    for name, value in {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
-                        "eval_every": eval_every, "checkpoint_every": checkpoint_every,
-                        "log_every": log_every}.items():
-        if value < 1:
-            raise ValueError(f"train.{name}={value} must be >= 1")
+    settings = {k: v for k, v in locals().items()
+                if _simple(v) and k not in ("existing", "dry_run", "control", "tracker", "hparams")}
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every",
+                 "eval_batch_size", "max_skipped_steps"):
+        if settings[name] < 1:
+            raise ValueError(f"train.{name}={settings[name]} must be >= 1")
+    if not grad_clip > 0:
+        raise ValueError(f"train.grad_clip={grad_clip} must be > 0")
+    if nonfinite not in nonfinite_guard.MODES:
+        raise ValueError(f"train.nonfinite={nonfinite!r}; choose one of {nonfinite_guard.MODES}")
     control = control or RunControl()
     control.install()  # before anything slow: a pre-emption during start-up is not lost
     started_at = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     random.seed(seed)
     autocast = _autocast(device, precision)
 
     cfg = replace(model_config or ModelConfig(), vocab_size=task.vocab_size)
-    model = LoopLM(cfg).to(device)
     recipe = recipe or Recipe()
     recipe.seed = seed
+    if dry_run:
+        return {"model": cfg, "recipe": recipe, "task": task, "settings": settings}
+    model = LoopLM(cfg).to(device)
     if init_from:
-        source = Path(init_from)
-        state = checkpoint.load(source / checkpoint.CHECKPOINT_NAME if source.is_dir() else source)
+        source = checkpoint.resolve(init_from)
+        state = checkpoint.load(source, require=("model",))
         if state is None:
             raise FileNotFoundError(f"train.init_from={init_from!r}: no checkpoint there")
+        checkpoint.check_model_state(model, state, source)
         model.load_state_dict(state["model"])
     trainable = recipe.trainable_parameters(model)
     trainable_ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, steps))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     if compile:
         for layer in model.layers:
             layer.compile()
 
-    tracker = tracker or Tracker(enabled=False)
-    state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME) if resume else None
-    start_step, history, last_eval, wall_before = 0, [], {}, 0.0
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_config(settings, cfg, recipe, task)
+    bar = TrainProgress(steps, 0, log_every, enabled=progress)
+    try:
+        state = open_run(run_dir, config, steps, existing, say=bar.note)
+    except AlreadyComplete as done:
+        bar.note(f"{run_dir} holds this run, complete at step {done.state['step']}: nothing to "
+                 "train (--resume with a larger TRAIN_STEPS continues it, --overwrite starts over)")
+        return {"step": done.state["step"], "train": {}, "history": done.state["history"],
+                "eval": done.state["last_eval"], "run_dir": str(run_dir),
+                "wall_time": done.state["wall_time"], "preempted": None, "status": "complete"}
+    start_step, history, last_eval, wall_before, skipped = 0, [], {}, 0.0, 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         recipe.load_state_dict(state["recipe"])
         checkpoint.set_rng_state(state["rng"])
         start_step, history, last_eval = state["step"], state["history"], state["last_eval"]
-        wall_before = state["wall_time"]
-    # everything is built by now, so the operative config is complete: the values the run uses
-    operative = gin.operative_config_str()
-    run_hash = tracker.open({"gin": operative, "recipe": recipe.describe(), "model": asdict(cfg),
-                             "seed": seed, "steps": steps, "batch_size": batch_size,
-                             "n_params": model.num_params(), **(hparams or {})},
+        wall_before, skipped = state["wall_time"], state.get("skipped_steps", 0)
+    tracker = tracker or Tracker(enabled=False)
+    run_hash = tracker.open({"gin": compose.bindings_in_force(), "recipe": recipe.describe(),
+                             "model": asdict(cfg), "seed": seed, "steps": steps,
+                             "batch_size": batch_size, "n_params": model.num_params(),
+                             "run_dir": str(run_dir.resolve()), **(hparams or {})},
                             run_hash=state.get("run_hash") if state else None)
-    (run_dir / "config.gin").write_text(operative)
+    (run_dir / "config.gin").write_text(compose.operative_config_text())
 
     def wall_time():
         """Seconds this run has trained, summed over its starts (requeues)."""
         return wall_before + time.perf_counter() - started_at
 
+    last_saved = start_step if state is not None else None
+
     def save(step):
+        nonlocal last_saved
+        bad = nonfinite_guard.nonfinite_parameters(named_trainable)
+        if bad:  # never write non-finite weights over the last good checkpoint
+            raise nonfinite_guard.NonFiniteError(f"step {step}: parameters became non-finite after the "
+                                           f"update ({', '.join(bad[:5])}); checkpoint not written")
         checkpoint.save(run_dir / checkpoint.CHECKPOINT_NAME, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "recipe": recipe.state_dict(),
-            "rng": checkpoint.rng_state(), "step": step, "history": history,
-            "last_eval": last_eval, "run_hash": run_hash, "model_config": asdict(cfg),
-            "wall_time": wall_time()})
+            "recipe": recipe.state_dict(), "rng": checkpoint.rng_state(), "step": step,
+            "history": history, "last_eval": last_eval, "run_hash": run_hash, "config": config,
+            "model_config": asdict(cfg), "wall_time": wall_time(), "skipped_steps": skipped})
+        last_saved = step
 
     control.started = True
     eval_loops = eval_max_loops or 2 * cfg.n_loops
     model.train()
-    step = start_step
-    with TrainProgress(steps, start_step, log_every, enabled=progress) as bar:
-        if start_step:
-            bar.note(f"resumed from {run_dir / checkpoint.CHECKPOINT_NAME} at step {start_step}")
-        while step < steps and control.raised is None:
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            micro_metrics, n_tokens = [], 0
-            for micro in range(grad_accum):
-                batch = task.train_batch(step * grad_accum + micro, batch_size).to(device)
-                with autocast:
-                    loss, metrics = recipe.loss(model, batch, step)
-                (loss / grad_accum).backward()
-                micro_metrics.append({"loss": loss.item(), **metrics})
-                n_tokens += batch.input_ids.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-            optimizer.step()
-            scheduler.step()
-            metrics = _average(micro_metrics)
-            metrics.update(grad_norm=grad_norm.item(), lr=scheduler.get_last_lr()[0],
-                           tokens_per_s=n_tokens / (time.perf_counter() - t0), wall_time=wall_time())
-            history.append(metrics["loss"])
-            tracker.log(metrics, step, {"subset": "train"})
-            bar.update(step, metrics)
-            step += 1
-            if step % eval_every == 0 or step == steps:
-                last_eval = evaluate(model, task, eval_loops, eval_batch_size, eval_max_batches)
-                scores = dict(last_eval)
-                tracker.log_frontier(scores.pop("exit_frontier"), step, {"subset": "eval"})
-                tracker.log(scores, step, {"subset": "eval"})
-                em = last_eval["exact_match"][cfg.n_loops - 1]
-                bar.note(f"eval @ {step}: exact match at T={cfg.n_loops}: {em:.2%}, "
-                         f"per loop {' '.join(f'{v:.2f}' for v in last_eval['exact_match'])}")
-            if step % checkpoint_every == 0 or step == steps or control.raised:
-                save(step)
-        if control.raised and step == start_step:
-            save(step)  # stopped before its first step: the next start reopens this Aim run
-    tracker.close()
-    summary = {"step": step, "train": metrics if step > start_step else {}, "history": history,
-               "eval": last_eval, "run_dir": str(run_dir), "wall_time": wall_time(),
-               "preempted": control.raised}
-    (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}))
-    if control.raised is None:
+    step, metrics, status, in_a_row = start_step, {}, "running", 0
+    bar.start_at(start_step)
+    try:
+        with bar:
+            if start_step:
+                bar.note(f"resumed from {run_dir / checkpoint.CHECKPOINT_NAME} at step {start_step}")
+            while step < steps and control.raised is None:
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                batches = [task.train_batch(step * grad_accum + micro, batch_size).to(device)
+                           for micro in range(grad_accum)]
+                loss, metrics, grad_norm = train_step(model, recipe, batches, step, autocast,
+                                                      trainable, grad_clip)
+                if step == start_step:
+                    _warn_untrained(named_trainable, bar)
+                problem = nonfinite_guard.diagnose(loss, grad_norm, metrics, named_trainable)
+                if problem:
+                    in_a_row += 1
+                    if nonfinite == "stop" or in_a_row > max_skipped_steps:
+                        raise nonfinite_guard.NonFiniteError(f"step {step}: {problem}" + (
+                            f" ({in_a_row} steps in a row)" if in_a_row > 1 else ""))
+                    skipped += 1
+                    bar.note(f"step {step}: skipped ({problem}); {in_a_row} in a row")
+                    tracker.log({"skipped_steps": skipped}, step, {"subset": "train"})
+                else:
+                    in_a_row = 0
+                    lr = [base * lr_multiplier(step, steps) for base in base_lrs]
+                    for group, group_lr in zip(optimizer.param_groups, lr):
+                        group["lr"] = group_lr
+                    optimizer.step()
+                    metrics.update(grad_norm=grad_norm, lr=lr[0], wall_time=wall_time(),
+                                   tokens_per_s=sum(b.input_ids.numel() for b in batches)
+                                   / (time.perf_counter() - t0))
+                    tracker.log(metrics, step, {"subset": "train"})
+                    bar.update(step, metrics)
+                history.append(loss)
+                step += 1
+                if step % eval_every == 0 or step == steps:
+                    last_eval = _evaluate(model, task, eval_loops, eval_batch_size, eval_max_batches,
+                                          step, cfg.n_loops, tracker, bar)
+                if step % checkpoint_every == 0 or step == steps or control.raised:
+                    save(step)
+            if control.raised and step == start_step:
+                save(step)  # stopped before its first step: the next start reopens this Aim run
+        status = "preempted" if control.raised else "complete"
+    except nonfinite_guard.NonFiniteError as err:
+        status = "nonfinite"
+        err.args = (f"{err.args[0]}\nstopped; the last good checkpoint "
+                    + (f"is {run_dir / checkpoint.CHECKPOINT_NAME} (step {last_saved}), untouched"
+                       if last_saved is not None else "does not exist (no checkpoint was written)"),)
+        raise
+    finally:
+        tracker.close()
+        summary = {"step": step, "train": metrics if step > start_step else {}, "history": history,
+                   "eval": last_eval, "run_dir": str(run_dir), "wall_time": wall_time(),
+                   "preempted": control.raised, "status": status, "skipped_steps": skipped}
+        write_summary(run_dir, {k: v for k, v in summary.items() if k != "history"})
+    if status == "complete":
         bar.summary(last_eval, cfg.n_loops)
     return summary
+
+
+def _warn_untrained(named_trainable, bar) -> None:
+    """A trainable parameter without a gradient after the first step is frozen in effect (e.g.
+    the embedding under truncated backprop without input injection): say so once."""
+    idle = [n for n, p in named_trainable if p.grad is None]
+    if idle:
+        bar.note(f"warning: {len(idle)} trainable parameter(s) received no gradient at the first "
+                 f"step and will not train: {', '.join(idle[:6])}{' ...' if len(idle) > 6 else ''}")
+
+
+def _evaluate(model, task, loops, batch_size, max_batches, step, n_loops, tracker, bar) -> dict:
+    scores = evaluate(model, task, loops, batch_size, max_batches)
+    logged = dict(scores)
+    tracker.log_frontier(logged.pop("exit_frontier"), step, {"subset": "eval"})
+    tracker.log(logged, step, {"subset": "eval"})
+    em = scores["exact_match"][n_loops - 1]
+    bar.note(f"eval @ {step}: exact match at T={n_loops}: {em:.2%}, "
+             f"per loop {' '.join(f'{v:.2f}' for v in scores['exact_match'])}")
+    return scores

@@ -51,7 +51,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     # interrupted at step 5 (a checkpoint there), then resumed to 12
     part = run(tmp_path / "resumed", steps=5, checkpoint_every=5)
     assert part["step"] == 5
-    resumed = run(tmp_path / "resumed", steps=12, checkpoint_every=5)
+    resumed = run(tmp_path / "resumed", steps=12, checkpoint_every=5, existing="extend")
     assert resumed["history"] == full["history"]  # bit-exact, float for float
 
 
@@ -94,7 +94,7 @@ def test_preemption_signal_checkpoints_and_resume_finishes(tmp_path):
     first = run(tmp_path, steps=10, task=SignalAtStep(n_eval=64), control=control)
     assert first["preempted"] == "SIGUSR1" and first["step"] == 5
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == 5
-    second = run(tmp_path, steps=10)
+    second = run(tmp_path, steps=10, task=SignalAtStep(n_eval=64))  # resumes at 5: no signal again
     assert second["step"] == 10 and second["preempted"] is None
     assert second["history"] == run(tmp_path / "ref", steps=10)["history"]
 
