@@ -38,7 +38,7 @@ def step_generator(seed: int, step: int, salt: str) -> torch.Generator:
 class Plugin:
     """Common base: optional checkpointed state and a config-time compatibility check.
 
-    `properties` names claims the conformance battery checks (looplm/conformance.py), e.g.
+    `properties` names claims the conformance battery checks (looplm/tools/conformance/), e.g.
     "stateless" or "unbiased_for_stage1"; a classmethod `conformance_examples()` may return
     instances for the battery to check when the defaults are not enough."""
 

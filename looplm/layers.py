@@ -138,7 +138,7 @@ class AddInjection(nn.Module):
 
     @staticmethod
     def matmul_weights(cfg: ModelConfig) -> int:
-        """Weights one token multiplies with per loop (for looplm.flops)."""
+        """Weights one token multiplies with per loop (for looplm/tools/bench/flops.py)."""
         return 0
 
 

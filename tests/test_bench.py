@@ -1,15 +1,16 @@
-"""looplm.bench end to end on a tiny shape, and the analytic FLOPs against FlopCounterMode."""
+"""looplm.bench (looplm/tools/bench/) end to end on a tiny shape, and the analytic FLOPs against FlopCounterMode."""
 
-import math
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from looplm import bench
 from looplm.config import ModelConfig
-from looplm.flops import llama_step_flops, looplm_plan_flops
+from looplm.tools.bench.cli import main as bench_main
+from looplm.tools.bench.flops import llama_step_flops, looplm_plan_flops
+from looplm.tools.bench.summary import targets
+from looplm.tools.bench.worker import build_step
 
 TINY = ["--vocab", "512", "--hidden", "32", "--ff", "64", "--layers", "2", "--loops", "2",
         "--seq", "32", "--batch", "2", "--threads", "2"]
@@ -38,7 +39,7 @@ def test_flops_match_flop_counter(config, injection):
     torch.set_num_threads(2)
     spec = tiny_spec(config)
     spec["shape"]["input_injection"] = injection
-    step, _, _ = bench._build(spec)
+    step, _, _ = build_step(spec)
     step(0)  # lazy initialisation outside the counter
     for i in (1, 2):  # sampled plans vary by step
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(
@@ -67,15 +68,15 @@ def test_targets_are_evaluated():
     rows = {"full": {"time_x_llama_nxt": 1.5, "rss_x_llama_nxt": 1.1, "tokens_per_s": 10.0, "mfu": 0.7,
                      "clean_time_x_llama_nxt": 2.5, "clean_median_ms": 100.0},
             "sampled": {"tokens_per_s": 25.0, "clean_median_ms": 40.0}}
-    got = {what: met for what, _, _, _, met, _ in bench.targets(rows)}
+    got = {what: met for what, _, _, _, met, _ in targets(rows)}
     assert got == {"full-unroll step time / Llama-NxT": True, "full-unroll peak RSS / Llama-NxT": False,
                    "sampled-step tokens/s / full-unroll": True, "full-unroll MFU vs measured matmul rate": True}
-    alt = {what: a for what, _, _, _, _, a in bench.targets(rows)}
+    alt = {what: a for what, _, _, _, _, a in targets(rows)}
     assert alt["full-unroll step time / Llama-NxT"] == {"clean": 2.5}
     assert alt["sampled-step tokens/s / full-unroll"] == {"clean": 2.5}
 
 
 def test_unknown_config_is_an_error():
     with pytest.raises(SystemExit, match="unknown configuration"):
-        bench.main(TINY + ["--recipes", "full,nope"])
+        bench_main(TINY + ["--recipes", "full,nope"])
 

@@ -1,4 +1,4 @@
-"""The conformance battery (looplm.conformance) on every registered plugin, and on plugins built to
+"""The conformance battery (looplm.tools.conformance) on every registered plugin, and on plugins built to
 break it (so the battery is known to catch what it claims to catch), and its command line."""
 
 import sys
@@ -7,15 +7,18 @@ import textwrap
 import pytest
 import torch
 
-from looplm import conformance as C
-from looplm.conformance import ConformanceError, check_plugin
-from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, LOOP_COUNTS, NORMS, PLACEMENTS,
-                          REGULARIZERS, ExitPrior, LoopCount, step_generator)
+from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, LOOP_COUNTS, NORMS, PLACEMENTS, REGULARIZERS,
+                          ExitPrior, LoopCount, step_generator)
 from looplm.recipe import UniformPrior
+from looplm.tools.conformance import ConformanceError, check_plugin
+from looplm.tools.conformance.cli import buildability
+from looplm.tools.conformance.cli import main as conformance_main
+from looplm.tools.conformance.compose import clear_cache
+from looplm.tools.conformance.plugins import import_variants, registered_plugins
 
-C.import_variants()
+import_variants()
 
-REGISTERED = [pytest.param(cls, id=f"{fam}:{name}") for fam, name, cls in C.registered_plugins()]
+REGISTERED = [pytest.param(cls, id=f"{fam}:{name}") for fam, name, cls in registered_plugins()]
 
 
 @pytest.mark.parametrize("plugin", REGISTERED)
@@ -25,7 +28,7 @@ def test_registered_plugin_conforms(plugin):
 
 
 def test_every_registered_plugin_can_be_built_by_name():
-    unbuildable = [(fam, name, why) for fam, name, n, why in C.buildability() if n is None]
+    unbuildable = [(fam, name, why) for fam, name, n, why in buildability() if n is None]
     assert not unbuildable, unbuildable
 
 
@@ -181,25 +184,25 @@ def out_of_tree(tmp_path, monkeypatch, request):
     for r, entries in zip(registries, saved):
         r._entries = entries
     sys.modules.pop(name, None)
-    C.clear_cache()
+    clear_cache()
 
 
 def test_cli_checks_one_plugin_by_dotted_name(out_of_tree, capsys):
-    assert C.main([f"{out_of_tree}.GoodLoops", "--no-compose"]) == 0
+    assert conformance_main([f"{out_of_tree}.GoodLoops", "--no-compose"]) == 0
     assert "PASS" in capsys.readouterr().out
 
 
 def test_cli_import_checks_every_plugin_a_module_registers(out_of_tree, capsys):
-    assert C.main(["--import", out_of_tree, "--no-compose"]) == 1
+    assert conformance_main(["--import", out_of_tree, "--no-compose"]) == 1
     out = capsys.readouterr().out
     assert "PASS loop_count:" in out and "FAIL loop_count:" in out and "must be an int >= 1" in out
     assert "1/2 plugins conform" in out
 
 
 def test_cli_usage_errors(capsys):
-    assert C.main([]) == 2
-    assert C.main(["no_such_module_xyz.Plugin"]) == 2
-    assert C.main(["--list"]) == 0
+    assert conformance_main([]) == 2
+    assert conformance_main(["no_such_module_xyz.Plugin"]) == 2
+    assert conformance_main(["--list"]) == 0
     assert "sampled_step" in capsys.readouterr().out
 
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, example, given, note, reject, settin
 from hypothesis import strategies as st
 
 import reference as ref
-from looplm import conformance
+from looplm.tools.conformance import plugins as conformance
 from looplm.config import model_config
 from looplm.data import AdditionTask
 from looplm.data.batch import IGNORE_INDEX, Batch

@@ -259,9 +259,9 @@ def test_analyze_without_expectations_counts_every_finished_run(local_sweep, tmp
 def test_collected_exit_frontier_equals_each_runs_summary(local_sweep):
     """The early-exit points analyze reads back from Aim are the ones each run wrote to its
     summary.json; the table's Q-exit column is looplm.exits.loops_to_full_depth of them."""
+    from looplm.exits import loops_to_full_depth, read_frontier
     from looplm.lab.aim_runs import read_experiment
     from looplm.lab.groups import group_runs
-    from looplm.exits import loops_to_full_depth, read_frontier
     from looplm.tracking import open_repo
 
     tmp, _ = local_sweep
