@@ -1,6 +1,7 @@
 """The trainer and the command line: learning, exact resume, atomic checkpoints, pre-emption,
 Stage II from a Stage I checkpoint, Aim tracking, and config errors that stop before training."""
 
+import contextlib
 import os
 import signal
 
@@ -168,3 +169,34 @@ def test_command_line_runs_the_default_job_briefly(tmp_path):
     operative = (tmp_path / "config.gin").read_text()
     assert "Recipe.estimator = @ExitWeighted()" in operative
     assert "build_optimizer.lr = 0.002" in operative and "train.steps = 3" in operative
+
+
+def test_accumulated_micro_batches_of_unequal_token_counts_equal_the_full_batch():
+    """Each micro-batch's token-mean loss is weighted by its share of the supervised tokens, so
+    four uneven micro-batches give the full batch's loss and gradient (float64)."""
+    from looplm.data.batch import IGNORE_INDEX, Batch
+    from looplm.model import LoopLM
+    from looplm.train import train_step
+
+    torch.manual_seed(0)
+    model = LoopLM(model_config(**TINY, vocab_size=15)).double()
+    full = AdditionTask().train_batch(0, 16)
+    targets = full.targets.clone()
+    for row, keep in enumerate([1, 2, 3, 5, 1, 1, 1, 2, 6, 6, 6, 6, 1, 3, 2, 4]):
+        supervised = (targets[row] != IGNORE_INDEX).nonzero().squeeze(1)
+        targets[row, supervised[keep:]] = IGNORE_INDEX  # rows of 1..6 supervised tokens
+    full = Batch(full.input_ids, targets)
+    micro = [Batch(full.input_ids[i:j], targets[i:j]) for i, j in ((0, 4), (4, 7), (7, 13), (13, 16))]
+    assert len({b.n_targets for b in micro}) == 4
+    params = list(model.parameters())
+
+    def grads(batches):
+        model.zero_grad()
+        loss, _, _ = train_step(model, Recipe(), batches, 0, contextlib.nullcontext(), params, 1e9)
+        return loss, [p.grad.clone() for p in params]
+
+    loss_full, g_full = grads([full])
+    loss_micro, g_micro = grads(micro)
+    assert abs(loss_full - loss_micro) < 1e-12
+    for a, b in zip(g_full, g_micro):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
