@@ -54,6 +54,10 @@ class Plugin:
     def validate(self, recipe) -> None:
         """Raise ValueError, saying why, if this plugin cannot work with the rest of `recipe`."""
 
+    def check_model(self, recipe, cfg) -> None:
+        """Raise ValueError, saying why, if this plugin cannot work with the model config `cfg`
+        (e.g. a window longer than the loop count); the trainer calls it before training."""
+
     def describe(self) -> str:
         return type(self).__name__
 

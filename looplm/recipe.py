@@ -158,6 +158,11 @@ class Recipe:
         for part in self.parts().values():
             part.validate(self)
 
+    def check_model(self, cfg) -> None:
+        """Every part's check against the model config (Plugin.check_model), before training."""
+        for part in self.parts().values():
+            part.check_model(self, cfg)
+
     def parts(self) -> dict:
         named = {"loop_count": self.loop_count, "window": self.window,
                  "estimator": self.estimator, "prior": self.prior}
@@ -166,15 +171,22 @@ class Recipe:
     def describe(self) -> dict:
         return {k: v.describe() for k, v in self.parts().items()}
 
-    def plan(self, step: int, n_loops: int, batch_size: int) -> Plan:
+    def plan(self, step: int, n_loops: int, batch_size: int, rows: slice | None = None) -> Plan:
+        """The step's plan for a batch of `batch_size` rows; under data parallelism batch_size is
+        the global batch and `rows` this rank's share of it (the estimator localises per-row
+        draws, so every rank draws what one process would)."""
         T = self.loop_count.sample(step, n_loops, self.seed)
         run, readout, extra = self.estimator.plan(T, step, self.seed, batch_size)
+        if rows is not None:
+            extra = self.estimator.local_rows(extra, rows)
         first_grad = run + 1 if self.estimator.trains == "gate" else self.window.first_grad_loop(step, run)
         return Plan(n_loops=T, run_loops=run, first_grad_loop=first_grad, readout=readout, extra=extra)
 
-    def loss(self, model, batch, step: int):
-        """Forward, read out and combine: the loss of one micro-batch and its metrics."""
-        plan = self.plan(step, model.cfg.n_loops, batch.input_ids.shape[0])
+    def loss(self, model, batch, step: int, rows: slice | None = None, global_batch: int | None = None):
+        """Forward, read out and combine: the loss of one micro-batch and its metrics (`rows` of a
+        `global_batch` under data parallelism)."""
+        plan = self.plan(step, model.cfg.n_loops, global_batch if rows is not None else batch.input_ids.shape[0],
+                         rows)
         traj = model(batch.input_ids, n_loops=plan.run_loops, doc_ids=batch.doc_ids,
                      first_grad_loop=plan.first_grad_loop, keep=plan.readout)
         loss, metrics = self.estimator.loss(Readouts(model, traj, batch, plan.n_loops), plan, self.prior)

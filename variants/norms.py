@@ -35,6 +35,7 @@ Notes:
 import torch
 import torch.nn as nn
 
+from looplm.config import is_number
 from looplm.layers import NORMS, PLACEMENTS, make_norm
 
 
@@ -46,8 +47,8 @@ class LayerNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        if not eps > 0:
-            raise ValueError(f"LayerNorm.eps={eps} must be > 0")
+        if not (is_number(eps) and eps > 0):
+            raise ValueError(f"LayerNorm.eps={eps!r} must be a finite number > 0")
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
@@ -65,8 +66,8 @@ class SimpleNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        if not eps > 0:
-            raise ValueError(f"SimpleNorm.eps={eps} must be > 0")
+        if not (is_number(eps) and eps > 0):
+            raise ValueError(f"SimpleNorm.eps={eps!r} must be a finite number > 0")
         self.eps = eps
 
     def forward(self, x):

@@ -15,14 +15,15 @@ import math
 
 import torch
 
+from looplm.config import is_number
 from looplm.hooks import EXIT_PRIORS, ExitPrior
 
 
 def geometric_log_prior(lambda_p: float, n_loops: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """log pi_t, t = 1..n_loops, for `pi_t ∝ lambda_p (1 - lambda_p)^(t-1)` truncated to n_loops
     steps and renormalised (in float64, then cast)."""
-    if not 0.0 < lambda_p < 1.0:
-        raise ValueError(f"lambda_p={lambda_p} must be in (0, 1)")
+    if not (is_number(lambda_p) and 0.0 < lambda_p < 1.0):
+        raise ValueError(f"lambda_p={lambda_p!r} must be a number in (0, 1)")
     t = torch.arange(n_loops, dtype=torch.float64, device=device)
     log_unnorm = math.log(lambda_p) + t * math.log1p(-lambda_p)
     return (log_unnorm - torch.logsumexp(log_unnorm, 0)).to(dtype)
@@ -47,10 +48,10 @@ class GeometricPrior(ExitPrior):
     properties = frozenset({"stateless"})
 
     def __init__(self, beta: float = 0.1, lambda_p: float = 0.5):
-        if not beta >= 0:
-            raise ValueError(f"GeometricPrior.beta={beta} must be >= 0")
-        if not 0.0 < lambda_p < 1.0:
-            raise ValueError(f"GeometricPrior.lambda_p={lambda_p} must be in (0, 1) (the per-loop "
+        if not (is_number(beta) and beta >= 0):
+            raise ValueError(f"GeometricPrior.beta={beta!r} must be a finite number >= 0")
+        if not (is_number(lambda_p) and 0.0 < lambda_p < 1.0):
+            raise ValueError(f"GeometricPrior.lambda_p={lambda_p!r} must be a number in (0, 1) (the per-loop "
                              "exit probability of the geometric prior)")
         self.beta, self.lambda_p = beta, lambda_p
 

@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from looplm.config import is_number
 from looplm.hooks import LOOP_COUNTS, LoopCount, step_generator
 
 
@@ -59,10 +60,10 @@ class LogNormalLoops(LoopCount):
     properties = frozenset({"stateless"})
 
     def __init__(self, mu: float = 2.0, sigma: float = 0.7, low: int = 1, high: int = 100):
-        if not math.isfinite(mu):
-            raise ValueError(f"LogNormalLoops.mu={mu} must be finite")
-        if not sigma > 0:
-            raise ValueError(f"LogNormalLoops.sigma={sigma} must be > 0")
+        if not is_number(mu):
+            raise ValueError(f"LogNormalLoops.mu={mu!r} must be a finite number")
+        if not (is_number(sigma) and sigma > 0):
+            raise ValueError(f"LogNormalLoops.sigma={sigma!r} must be a finite number > 0")
         _check_bounds("LogNormalLoops", low, high)
         self.mu, self.sigma, self.low, self.high = float(mu), float(sigma), low, high
 
@@ -84,8 +85,8 @@ class PoissonLoops(LoopCount):
     properties = frozenset({"stateless"})
 
     def __init__(self, lam: float = 5.0, low: int = 1, high: int = 100):
-        if not (lam > 0 and math.isfinite(lam)):
-            raise ValueError(f"PoissonLoops.lam={lam} must be a finite number > 0")
+        if not (is_number(lam) and lam > 0):
+            raise ValueError(f"PoissonLoops.lam={lam!r} must be a finite number > 0")
         _check_bounds("PoissonLoops", low, high)
         self.lam, self.low, self.high = float(lam), low, high
 
@@ -133,10 +134,10 @@ class PoissonLogNormalLoops(LoopCount):
     properties = frozenset({"stateless"})
 
     def __init__(self, mean: float = 32.0, sigma: float = 0.5, high: int | None = None):
-        if not (mean > 0 and math.isfinite(mean)):
-            raise ValueError(f"PoissonLogNormalLoops.mean={mean} must be a finite number > 0")
-        if not sigma > 0:
-            raise ValueError(f"PoissonLogNormalLoops.sigma={sigma} must be > 0")
+        if not (is_number(mean) and mean > 0):
+            raise ValueError(f"PoissonLogNormalLoops.mean={mean!r} must be a finite number > 0")
+        if not (is_number(sigma) and sigma > 0):
+            raise ValueError(f"PoissonLogNormalLoops.sigma={sigma!r} must be a finite number > 0")
         if high is not None:
             _check_bounds("PoissonLogNormalLoops", 1, high)
         self.mean, self.sigma, self.high = float(mean), float(sigma), high
@@ -170,10 +171,10 @@ class RampedLoops(LoopCount):
     def __init__(self, start: float = 1.0, end: float | None = None, ramp_steps: int = 1000,
                  shape: str = "linear", distribution: str = "poisson_lognormal", sigma: float = 0.5,
                  high: int | None = None):
-        if not (start >= 1 and math.isfinite(start)):
-            raise ValueError(f"RampedLoops.start={start} must be a finite mean loop count >= 1")
-        if end is not None and not (end >= 1 and math.isfinite(end)):
-            raise ValueError(f"RampedLoops.end={end} must be a finite mean loop count >= 1 (or None: "
+        if not (is_number(start) and start >= 1):
+            raise ValueError(f"RampedLoops.start={start!r} must be a finite mean loop count >= 1")
+        if end is not None and not (is_number(end) and end >= 1):
+            raise ValueError(f"RampedLoops.end={end!r} must be a finite mean loop count >= 1 (or None: "
                              "the model's n_loops)")
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
             raise ValueError(f"RampedLoops.ramp_steps={ramp_steps!r} must be an integer >= 1")
@@ -181,8 +182,8 @@ class RampedLoops(LoopCount):
             raise ValueError(f"RampedLoops.shape={shape!r}; choose one of {self.SHAPES}")
         if distribution not in self.DISTRIBUTIONS:
             raise ValueError(f"RampedLoops.distribution={distribution!r}; choose one of {self.DISTRIBUTIONS}")
-        if not sigma > 0:
-            raise ValueError(f"RampedLoops.sigma={sigma} must be > 0")
+        if not (is_number(sigma) and sigma > 0):
+            raise ValueError(f"RampedLoops.sigma={sigma!r} must be a finite number > 0")
         if high is not None:
             _check_bounds("RampedLoops", 1, high)
         self.start, self.end, self.ramp_steps = float(start), end, ramp_steps

@@ -22,6 +22,7 @@ and the term is 0. Under a truncated window x_{T-1} may be detached (LastLoops(1
 then trains loop T only.
 """
 
+from looplm.config import is_number
 from looplm.hooks import REGULARIZERS, Regularizer
 
 
@@ -30,8 +31,8 @@ class L2Limit(Regularizer):
     """STARS l2_limit: `loss + weight * mean_positions ||x_T - x_{T-1}||_2` at the last loop."""
 
     def __init__(self, weight: float = 1.0):
-        if not weight >= 0:
-            raise ValueError(f"L2Limit.weight={weight} must be >= 0")
+        if not (is_number(weight) and weight >= 0):
+            raise ValueError(f"L2Limit.weight={weight!r} must be a finite number >= 0")
         self.weight = float(weight)
 
     def validate(self, recipe):

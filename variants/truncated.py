@@ -15,17 +15,22 @@ embedding enters only through loop 1), so when loop 1 runs without grad, i.e. wh
 **the embedding and any prelude layers receive no gradient at all** (except through a tied LM
 head). They stay at their initialisation (or at the weights a run started from) for as long as
 the window excludes loop 1. HRM and Huginn feed the embedding into every loop, which is why the
-one-step gradient still trains their embedding; Ouro's does not. Use k >= T, a ramp that reaches
+one-step gradient still trains their embedding; Ouro's does not. Use k = T, a ramp that reaches
 T, or input injection (`model_config.input_injection = "add"` or Huginn's `"concat"`,
 looplm.layers.INJECTIONS), which feeds the embedding into every loop, if the embedding must learn.
 
 Under a sampled-step estimator the window counts back from the last loop actually run (the
 sampled loop t), since `Recipe.plan` calls `first_grad_loop(step, run_loops)`.
+
+A k larger than every loop count the recipe can run (the fixed T, or a random count's `high`)
+is refused before training (`check_model`): that window never truncates, so the run would be
+full backprop while its config says truncated.
 """
 
 import math
 
 from looplm.hooks import BACKPROP_WINDOWS, BackpropWindow
+from looplm.recipe import FixedLoops
 
 
 def _check_k(owner: str, name: str, k) -> int:
@@ -33,6 +38,28 @@ def _check_k(owner: str, name: str, k) -> int:
         raise ValueError(f"{owner}.{name}={k!r} must be an integer >= 1 (the number of last loops "
                          "that keep their graph)")
     return k
+
+
+def largest_loop_count(recipe, cfg) -> tuple[int | None, str]:
+    """The most loops a step of `recipe` can run on a model of config `cfg`, and where that bound
+    is set; None when the loop count has no upper bound."""
+    lc = recipe.loop_count
+    if isinstance(lc, FixedLoops):
+        return (lc.n_loops, "FixedLoops.n_loops") if lc.n_loops else (cfg.n_loops, "model_config.n_loops")
+    high = getattr(lc, "high", None)
+    return high, f"{type(lc).__name__}.high"
+
+
+def _check_k_fits(owner: str, ks: dict, recipe, cfg) -> None:
+    """A window longer than every loop count the recipe can draw never truncates: the run would be
+    full backprop while its config says otherwise."""
+    largest, where = largest_loop_count(recipe, cfg)
+    for name, k in ks.items():
+        if largest is not None and k > largest:
+            raise ValueError(f"{owner}.{name}={k} exceeds the largest loop count T={largest} ({where}): "
+                             f"the window would hold every loop, i.e. full backprop; allowed are "
+                             f"1..{largest} (k = T keeps every loop's graph, Recipe.window = @FullBackprop() "
+                             "says so directly)")
 
 
 @BACKPROP_WINDOWS.register("last_loops")
@@ -45,6 +72,9 @@ class LastLoops(BackpropWindow):
 
     def __init__(self, k: int = 1):
         self.k = _check_k("LastLoops", "k", k)
+
+    def check_model(self, recipe, cfg):
+        _check_k_fits("LastLoops", {"k": self.k}, recipe, cfg)
 
     def first_grad_loop(self, step, n_loops):
         return max(1, n_loops - self.k + 1)
@@ -71,6 +101,9 @@ class RampedLastLoops(BackpropWindow):
         if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
             raise ValueError(f"RampedLastLoops.ramp_steps={ramp_steps!r} must be an integer >= 1")
         self.ramp_steps = ramp_steps
+
+    def check_model(self, recipe, cfg):
+        _check_k_fits("RampedLastLoops", {"k_start": self.k_start, "k_end": self.k_end}, recipe, cfg)
 
     def k(self, step: int) -> int:
         frac = min(1.0, max(0.0, step / self.ramp_steps))

@@ -4,6 +4,7 @@ datasets and transformers are imported inside the functions that need them: impo
 seconds, and the embedded tasks do not need them.
 """
 
+import codecs
 import functools
 import hashlib
 import json
@@ -24,8 +25,9 @@ LOCAL_HINT = ("To work offline pass local files instead, e.g. TextTask(dataset='
               "(a folder written by save_pretrained)).")
 
 
-class HubUnreachableError(ConnectionError):
-    """A hub name was given and the Hugging Face hub could not supply it."""
+class HubUnreachableError(ConnectionError, ValueError):
+    """A hub name was given and the Hugging Face hub could not supply it (a ValueError too: to the
+    command line it is bad input, answered with exit code 2)."""
 
 
 def _hub_errors() -> tuple[type[BaseException], ...]:
@@ -39,6 +41,51 @@ def _unreachable(what: str, name: str, error: BaseException) -> HubUnreachableEr
     return HubUnreachableError(
         f"{what} {name!r} is not a local path, and the Hugging Face hub is unreachable (offline?) "
         f"or has no such {what}: {type(error).__name__}: {error}. {LOCAL_HINT}")
+
+
+TEXT_SUFFIXES = (".txt", ".text", ".json", ".jsonl", ".csv")  # read as UTF-8 by datasets
+
+
+def looks_local(dataset: str) -> bool:
+    """Whether `dataset` is meant as a local path: a hub name is 'name' or 'org/name', never a
+    file name with a data suffix nor a path starting with /, ., or ~."""
+    return dataset.startswith(("/", ".", "~")) or Path(dataset).suffix in BUILDERS
+
+
+def check_local_data(dataset: str) -> None:
+    """Raise ValueError, naming the file, for a local dataset that datasets would fail on without
+    saying why: a folder with no data files, an empty file, or text that is not UTF-8."""
+    local = Path(dataset).expanduser()
+    files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in BUILDERS) \
+        if local.is_dir() else [local]
+    if not files:
+        raise ValueError(f"TextTask.dataset={dataset!r} is a folder without data files: allowed are "
+                         f"files ending in {sorted(BUILDERS)} (named by split, e.g. train.txt)")
+    for f in files:
+        if f.stat().st_size == 0:
+            raise ValueError(f"TextTask.dataset={dataset!r}: {str(f)!r} is empty; a data file needs "
+                             "at least one non-blank record")
+        if f.suffix in TEXT_SUFFIXES:
+            _check_utf8(f, dataset)
+
+
+def _check_utf8(path: Path, dataset: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"TextTask.dataset={dataset!r}: {str(path)!r} is not UTF-8 text (byte "
+                                 f"{offset + error.start}: {error.reason}); allowed is UTF-8, e.g. "
+                                 "convert it with `iconv -f latin1 -t utf-8`") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"TextTask.dataset={dataset!r}: {str(path)!r} is not UTF-8 text (it ends "
+                             "inside a multi-byte character)") from None
 
 
 def load_tokenizer(name: str, hf_cache_dir: str | None = None):
@@ -78,6 +125,8 @@ def tokenize_split(ds, tokenizer, text_field: str) -> torch.Tensor:
 
     def tokenize(records):
         texts = [text for text in records[text_field] if text and text.strip()]
+        if not texts:  # a batch of blank records (the tokenizer fails on an empty list)
+            return {"ids": []}
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return {"ids": [doc + [eos] for doc in ids]}
 
@@ -124,6 +173,9 @@ class TextTask:
             raise ValueError(f"TextTask.max_eval_blocks={max_eval_blocks!r}: allowed are None or "
                              "integers >= 1")
         local = Path(dataset).expanduser()
+        if not local.exists() and looks_local(dataset):
+            raise ValueError(f"TextTask.dataset={dataset!r}: no such file or folder (a local dataset is "
+                             f"a file ending in one of {sorted(BUILDERS)} or a folder of them)")
         if local.exists() and dataset_config is not None:
             raise ValueError(f"TextTask.dataset_config={dataset_config!r}: allowed only with a hub "
                              f"dataset, and {dataset!r} is a local path (pass None)")
@@ -185,6 +237,8 @@ class TextTask:
         path = self.cache_path(split)
         if path.exists():
             return torch.load(path, mmap=True, weights_only=True)
+        if Path(self.dataset).expanduser().exists():
+            check_local_data(self.dataset)
         ds = load_split(self.dataset, self.dataset_config, split, self.hf_cache_dir)
         tokens = tokenize_split(ds, self.tokenizer, self.text_field)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,6 +249,9 @@ class TextTask:
 
     def _n_blocks(self, tokens: torch.Tensor, split: str) -> int:
         n = (len(tokens) - 1) // self.seq_len
+        if len(tokens) == 0:
+            raise ValueError(f"split {split!r} of TextTask.dataset={self.dataset!r} holds no text: every "
+                             f"record in field {self.text_field!r} is blank")
         if n < 1:
             raise ValueError(f"split {split!r} of {self.dataset!r} has {len(tokens)} tokens; one "
                              f"block needs seq_len + 1 = {self.seq_len + 1}")
