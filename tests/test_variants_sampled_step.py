@@ -1,5 +1,6 @@
-"""variants.sampled_step: unbiasedness by exact enumeration over the sampled loop, the proposals,
-the Min-SNR weights, and that only loops 1..t run."""
+"""variants.sampled_step, the plain estimator: unbiasedness by exact enumeration over the sampled
+loop, the draws, that only loops 1..t run, state and arguments. Proposals and weightings:
+test_variants_sampled_step_proposals.py; the remedies: test_variants_sampled_step_remedies.py."""
 
 import io
 import itertools
@@ -15,8 +16,8 @@ from looplm.model import LoopLM
 from looplm.objectives import log_exit_probs, token_mean
 from looplm.recipe import ExitWeighted, FixedLoops, Recipe, UniformPrior
 from variants.priors import GeometricPrior
-from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, ImprovementProposal, MinSNRWeighting,
-                                   NoWeighting, SampledStep, UniformProposal)
+from variants.sampled_step import (CLTSProposal, FixedScheduleProposal, MinSNRWeighting, NoWeighting,
+                                   SampledStep, UniformProposal)
 from variants.truncated import LastLoops
 
 
@@ -201,60 +202,6 @@ def test_draws_follow_q_and_agree_across_ranks():
     assert not torch.equal(per_row.plan(4, 5, 8, 64)[2]["rows"], plans[5][2]["rows"])
 
 
-def clts_reference(T, s, a_max, sigma_start, sigma_end, floor):
-    """The documented CLTS schedule written out with python floats."""
-    a, mu, sigma = a_max * s, 1 + (T - 1) * s, sigma_start + (sigma_end - sigma_start) * s
-    dens = [math.exp(-((t - mu) ** 2) / (2 * sigma * sigma)) for t in range(1, T + 1)]
-    g = [d / sum(dens) for d in dens]
-    return [(1 - floor) * ((1 - a) / T + a * gt) + floor / T for gt in g]
-
-
-def test_clts_schedule():
-    T, total = 8, 1000
-    prop = CLTSProposal(total_steps=total, a_max=1.0, sigma_start=3.0, sigma_end=0.3, floor=0.02)
-    means = []
-    for step in (0, 100, 250, 500, 750, 1000, 5000):
-        q = prop.probs(T, step)
-        s = min(1.0, step / total)
-        torch.testing.assert_close(q, torch.tensor(clts_reference(T, s, 1.0, 3.0, 0.3, 0.02), dtype=torch.float64))
-        assert float(q.sum()) == pytest.approx(1.0, abs=1e-12)
-        assert float(q.min()) >= 0.02 / T - 1e-15  # full support through the floor
-        means.append(float((q * torch.arange(1, T + 1)).sum()))
-    torch.testing.assert_close(prop.probs(T, 0), torch.full((T,), 1 / T, dtype=torch.float64))
-    # easy (early) loops first: the mean loop dips below the uniform 4.5 while the focus rises at
-    # the first loops, then the mass moves to later loops as the centre travels to T
-    assert means[1] < means[0] and means[2] < means[0], means
-    assert all(a < b for a, b in zip(means[2:-2], means[3:-1])), means
-    assert means[-1] == means[-2] > 7.5  # s is clamped at 1
-    argmax = [int(prop.probs(T, step).argmax()) for step in range(100, 1001, 100)]
-    assert argmax == sorted(argmax) and argmax[0] <= 1 and argmax[-1] == T - 1
-    assert int(prop.probs(T, total).argmax()) == T - 1
-
-
-def test_min_snr_weights_by_hand():
-    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    sched = MinSNRWeighting(gamma=2.0, snr="schedule", s0=1.0)
-    raw = [1.0, 1.0, 2 / 3, 2 / 4]  # min(t, 2) / t
-    norm = sum(qt * r for qt, r in zip(q.tolist(), raw))
-    torch.testing.assert_close(sched.weights(q, 4), torch.tensor([r / norm for r in raw], dtype=torch.float64))
-    assert float((q * sched.weights(q, 4)).sum()) == pytest.approx(1.0)
-
-    ema = MinSNRWeighting(gamma=5.0, snr="ema", ema_decay=0.5)
-    torch.testing.assert_close(ema.weights(q, 4), torch.ones(4, dtype=torch.float64))  # nothing observed
-    ema.observe(1, 0.1)   # SNR 10 -> capped: raw 0.5
-    ema.observe(2, 2.0)   # SNR 0.5 -> raw 1
-    ema.observe(2, 1.0)   # EMA 0.5 * 2 + 0.5 * 1 = 1.5 -> SNR 2/3 -> raw 1
-    ema.observe(3, 0.4)   # SNR 2.5 -> raw 1
-    ema.observe(3, 0.0)   # EMA 0.2 -> SNR 5 -> raw 1
-    ema.observe(4, 0.1)
-    ema.observe(4, 0.0)   # EMA 0.05 -> SNR 20 -> raw 0.25
-    assert ema.ema == pytest.approx({1: 0.1, 2: 1.5, 3: 0.2, 4: 0.05})
-    raw = [0.5, 1.0, 1.0, 0.25]
-    norm = sum(qt * r for qt, r in zip(q.tolist(), raw))
-    torch.testing.assert_close(ema.weights(q, 4), torch.tensor([r / norm for r in raw], dtype=torch.float64))
-    assert float((q * ema.weights(q, 4)).sum()) == pytest.approx(1.0)
-
-
 def test_state_round_trip_through_recipe():
     model, b = tiny(), batch()
 
@@ -268,6 +215,7 @@ def test_state_round_trip_through_recipe():
     for step in range(5):
         loss, metrics = recipe.loss(model, b, step)
         loss.backward()
+        recipe.estimator.end_step()
     assert set(metrics) >= {"sampled_loop", "sampled_ce", "sampled_acc", "q_t", "weight", "n_loops"}
     state = recipe.state_dict()
     assert state["estimator"]["weighting"]["ema"]
@@ -302,6 +250,14 @@ def test_stateless_parts_have_empty_state():
     (lambda: MinSNRWeighting(ema_decay=1.0), "ema_decay"),
     (lambda: SampledStep(proposal="uniform"), "not a Proposal"),
     (lambda: SampledStep(per_sequence=1), "per_sequence"),
+    (lambda: SampledStep(readout="all"), "readout='all'"),
+    (lambda: SampledStep(exit_weights="fixed"), "exit_weights='fixed'"),
+    (lambda: SampledStep(baseline="ema"), "baseline='ema'"),
+    (lambda: SampledStep(stratified=True), "needs per_sequence=True"),
+    (lambda: SampledStep(exit_weights="uniform", baseline="first_loop"), "control variate"),
+    (lambda: SampledStep(gate_target="stage2"), "gate_target='stage2'"),
+    (lambda: SampledStep(readout="run", exit_weights="learned", gate_target="stage2"), "LM term trains"),
+    (lambda: SampledStep(max_ratio=0.5), "max_ratio=0.5"),
 ])
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
@@ -324,40 +280,3 @@ def test_fixed_schedule_needs_a_fixed_loop_count():
     Recipe(loop_count=FixedLoops(2), estimator=est)
 
 
-def test_improvement_proposal_follows_the_loops_still_improving():
-    prop = ImprovementProposal(fast_decay=0.5, slow_decay=0.9, floor=0.2)
-    torch.testing.assert_close(prop.probs(4, 0), torch.full((4,), 0.25, dtype=torch.float64))
-    series = {1: [2.0, 2.0, 2.0, 2.0], 2: [3.0, 2.0, 1.0, 0.5], 3: [1.0, 0.9, 0.9, 0.9]}  # loop 4 unseen
-    ema = {}
-    for i in range(4):
-        for t, values in series.items():
-            prop.observe(t, values[i])
-            ce = values[i]  # the same EMAs written out with python floats
-            fast, slow = ema.get(t, (ce, ce))
-            ema[t] = (ce, ce) if t not in ema else (0.5 * fast + 0.5 * ce, 0.9 * slow + 0.1 * ce)
-    progress = {t: max(0.0, slow - fast) / slow for t, (fast, slow) in ema.items()}
-    progress[4] = max(progress.values())  # unseen: explored at the best observed progress
-    total = sum(progress.values())
-    want = [0.2 / 4 + 0.8 * progress[t] / total for t in range(1, 5)]
-    q = prop.probs(4, 0)
-    torch.testing.assert_close(q, torch.tensor(want, dtype=torch.float64))
-    assert q[1] == q[3] > q[2] > q[0] == 0.2 / 4  # flat loop 1 keeps only the floor
-    restored = ImprovementProposal(fast_decay=0.5, slow_decay=0.9, floor=0.2)
-    restored.load_state_dict(prop.state_dict())
-    torch.testing.assert_close(restored.probs(4, 0), q)
-
-
-def test_improvement_proposal_learns_from_the_sampled_loops_in_training():
-    model, b = tiny(), batch()
-    est = SampledStep(proposal=ImprovementProposal())
-    recipe = Recipe(loop_count=FixedLoops(4), estimator=est)
-    sampled = set()
-    for step in range(8):
-        sampled.add(recipe.loss(model, b, step)[1]["sampled_loop"])
-    assert set(est.proposal.ema) == sampled
-
-
-@pytest.mark.parametrize("kwargs", [dict(fast_decay=0.99, slow_decay=0.9), dict(floor=0.0)])
-def test_improvement_proposal_rejects_bad_settings(kwargs):
-    with pytest.raises(ValueError, match="ImprovementProposal"):
-        ImprovementProposal(**kwargs)

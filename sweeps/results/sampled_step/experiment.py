@@ -1,0 +1,80 @@
+"""One training run of the sampled-step study, its curves kept in memory and written as JSON.
+
+    OMP_NUM_THREADS=1 python sweeps/results/sampled_step/experiment.py OUT.json \
+        --gin gin/sampled_step.gin --bind 'AdditionTask.n_digits = 2' ...
+
+Records per step the train metrics (loss, exit entropy where the estimator reports it, the loops
+run and read out) and per evaluation the held-out exact match per loop, the exit distribution
+and its entropy, together with the training FLOPs so far (looplm.tools.bench.flops: body, read-out and gate
+of the loops each step ran) and the wall time.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import gin
+from looplm.tools.bench.flops import ReadoutCall, looplm_step_flops
+from looplm.run import parse_config
+from looplm.train import train
+from looplm.tracking import Tracker
+
+
+class MemoryTracker(Tracker):
+    """Keeps what train() logs, instead of writing an Aim run."""
+
+    def __init__(self):
+        super().__init__(repo=None, enabled=False)
+        self.train_rows, self.eval_rows = [], []
+
+    def log(self, metrics, step, context=None):
+        rows = self.eval_rows if (context or {}).get("subset") == "eval" else self.train_rows
+        rows.append({"step": step, **{k: v for k, v in metrics.items()}})
+
+    def log_frontier(self, points, step, context=None):
+        pass
+
+
+def step_flops(cfg, batch, seq_len, row) -> float:
+    """Model FLOPs of one logged training step, from the loops it ran and read out."""
+    T = row.get("n_loops", cfg.n_loops)
+    run = int(round(row.get("run_loops", T)))
+    reads = row.get("read_loops", T)
+    n = batch * seq_len
+    readouts = [ReadoutCall(n, True, True, True)] * int(round(reads))
+    gates = [ReadoutCall(n, True, True)] * run
+    return looplm_step_flops(cfg, batch, seq_len, run, 1, None, readouts, gates).model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--gin", action="append", default=[])
+    parser.add_argument("--bind", action="append", default=[])
+    args = parser.parse_args(argv)
+    parse_config(args.gin, args.bind + ["train.progress = False", "train.checkpoint_every = 100000"])
+
+    tracker = MemoryTracker()
+    summary = train(tracker=tracker, existing="overwrite")
+    task = gin.query_parameter("train.task").scoped_configurable_fn
+    cfg = replace(gin.query_parameter("train.model_config").scoped_configurable_fn(),
+                  vocab_size=task().vocab_size)
+    task = task()
+    batch = gin.query_parameter("train.batch_size")
+    total, cumulative = 0.0, {}
+    for row in tracker.train_rows:
+        total += step_flops(cfg, batch, task.seq_len, row)
+        cumulative[row["step"] + 1] = total
+    for row in tracker.eval_rows:
+        row["flops"] = cumulative[row["step"]]
+    json.dump({"gin": args.gin, "bind": args.bind, "train": tracker.train_rows, "eval": tracker.eval_rows,
+               "wall_time": summary["wall_time"], "flops": total}, open(args.out, "w"))
+    final = tracker.eval_rows[-1]
+    print(args.out, "EM", " ".join(f"{v:.3f}" for v in final["exact_match"][:cfg.n_loops]),
+          "exit_p", " ".join(f"{v:.2f}" for v in final["exit_p"]), f"H {final['entropy']:.2f}",
+          f"flops {total:.3g} wall {summary['wall_time']:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
