@@ -54,6 +54,10 @@ class Plugin:
     def validate(self, recipe) -> None:
         """Raise ValueError, saying why, if this plugin cannot work with the rest of `recipe`."""
 
+    def end_step(self) -> None:
+        """Called by the trainer once per optimizer step, after all its micro-batches: where state
+        learned from the step (EMAs, a proposal) changes, so it never changes within a step."""
+
     def check_model(self, recipe, cfg) -> None:
         """Raise ValueError, saying why, if this plugin cannot work with the model config `cfg`
         (e.g. a window longer than the loop count); the trainer calls it before training."""
