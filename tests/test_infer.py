@@ -1,0 +1,194 @@
+"""looplm.infer: the preallocated KV cache, batched generation and early exit that skips compute,
+each checked against a second, independent computation (full forward passes, or a batch-of-one
+decode on the core's concatenating KVCache)."""
+
+import pytest
+import torch
+
+from looplm.config import model_config
+from looplm.exits import QExit, StateChangeExit, StaticExit, default_rules
+from looplm.infer import MODES, StaticKVCache, fired_by, generate
+from looplm.model import KVCache, LoopLM
+from looplm.infer.cache import LOOPED_STAGES
+
+PROMPTS = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7], [30, 11, 4, 8, 2]]
+
+
+def make_model(seed=0, **overrides):
+    """A tiny float64 model with a gate whose exit probabilities vary from token to token."""
+    torch.manual_seed(seed)
+    model = LoopLM(model_config("tiny", vocab_size=32, init_std=0.3, **overrides)).double().eval()
+    with torch.no_grad():
+        model.gate.weight.normal_(0, 0.3)
+    return model
+
+
+def full_pass_argmax(model, tokens, n_loops, loop=None):
+    traj = model(torch.tensor([tokens]), n_loops=n_loops)
+    return int(model.logits(traj.states[(loop or n_loops) - 1][0, -1]).argmax())
+
+
+@pytest.mark.parametrize("n_loops", [None, 5])
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 2}, {"n_prelude": 1, "n_coda": 1},
+                                       {"input_injection": "add"}])
+def test_greedy_generation_equals_argmax_of_full_passes(n_loops, overrides):
+    model = make_model(**overrides)
+    T = n_loops or model.cfg.n_loops
+    out = generate(model, PROMPTS, max_new_tokens=6, n_loops=n_loops)
+    with torch.no_grad():
+        for prompt, new in zip(PROMPTS, out.tokens):
+            assert len(new) == 6
+            for j, token in enumerate(new):
+                assert token == full_pass_argmax(model, prompt + new[:j], T)
+    assert out.mean_loops == T and out.loops_computed == 6 * len(PROMPTS) * T
+
+
+def test_q_exit_at_one_equals_all_loops_token_for_token():
+    model = make_model()
+    full = generate(model, PROMPTS, max_new_tokens=8)
+    q1 = generate(model, PROMPTS, max_new_tokens=8, exit_rule=QExit(1.0))
+    assert q1.tokens == full.tokens
+    assert q1.loops_computed == full.loops_computed and q1.mean_loops == model.cfg.n_loops
+
+
+# -- the independent reference: one row at a time on the concatenating KVCache -----------------
+def reference_generate(model, prompt, max_new, rule, T, mode):
+    """Greedy, batch of one, through model.forward and the core's KVCache. Each token first runs
+    all T loops on a copy of the cache to learn its exit loop e (the rule given all loops), then e
+    loops on the real cache; loops e+1..T get loop e's new keys and values; sharing modes rewrite
+    every loop's new entries with the last / first / mean over loops."""
+    cache, ids, tokens, loops = KVCache(), torch.tensor([prompt]), [], []
+    for n in range(max_new):
+        trial = KVCache(dict(cache.slots))
+        traj = model(ids, n_loops=T, cache=trial)
+        gates = torch.stack([model.exit_logits(g) for g in traj.gate_inputs], -1)
+        e = T if rule is None else int(rule.exit_loops(gates, traj.states)[0, -1])
+        if n == 0:  # a prefill computes every loop
+            cache, computed = trial, T
+        else:
+            traj, computed = model(ids, n_loops=e, cache=cache), e
+        tokens.append(int(model.logits(traj.states[e - 1][0, -1]).argmax()))
+        loops.append(e)
+        S = ids.shape[1]
+        stages = {(s[0], s[2]) for s in cache.slots if s[0] in LOOPED_STAGES}
+        for stage, layer in stages:
+            for loop in range(computed, T):
+                k, v = cache.slots[(stage, computed - 1, layer)]
+                cache.update((stage, loop, layer), k[:, :, -S:], v[:, :, -S:])
+            if mode != "per_loop":
+                new = [cache.slots[(stage, loop, layer)] for loop in range(T)]
+                ks, vs = (torch.stack([kv[i][:, :, -S:] for kv in new]) for i in (0, 1))
+                reduce = {"last": lambda x: x[-1], "first": lambda x: x[0], "average": lambda x: x.mean(0)}[mode]
+                for loop in range(T):
+                    k, v = cache.slots[(stage, loop, layer)]
+                    cache.slots[(stage, loop, layer)] = (torch.cat([k[:, :, :-S], reduce(ks)], 2),
+                                                         torch.cat([v[:, :, :-S], reduce(vs)], 2))
+        ids = torch.tensor([[tokens[-1]]])
+    return tokens, loops
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rule", [None, QExit(0.6), StateChangeExit(0.9), StaticExit(2)])
+def test_batched_early_exit_equals_one_row_reference(mode, rule):
+    model = make_model(n_coda=1) if mode == "per_loop" and rule is not None else make_model()
+    T = model.cfg.n_loops
+    out = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule, cache=mode)
+    computed = 0
+    with torch.no_grad():
+        for prompt, new, loops in zip(PROMPTS, out.tokens, out.exit_loops):
+            ref_tokens, ref_loops = reference_generate(model, prompt, 7, rule, T, mode)
+            assert (new, loops) == (ref_tokens, ref_loops)
+            computed += T + sum(ref_loops[1:])
+    assert out.loops_computed == computed  # the loops after each exit were not run
+    if rule is not None:
+        assert out.mean_loops < T
+    if rule is None and mode != "per_loop":  # sharing really changes what later tokens attend to
+        assert out.tokens != generate(model, PROMPTS, max_new_tokens=7).tokens
+
+
+def test_skip_false_selects_the_same_tokens_and_computes_every_loop():
+    model = make_model()
+    rule = QExit(0.6)
+    skipped = generate(model, PROMPTS, max_new_tokens=6, exit_rule=rule, cache="last")
+    full = generate(model, PROMPTS, max_new_tokens=6, exit_rule=rule, cache="last", skip=False)
+    assert full.mean_loops == model.cfg.n_loops > skipped.mean_loops
+    assert full.exit_loops[0][0] == skipped.exit_loops[0][0]  # first token: same prefill
+
+
+@pytest.mark.parametrize("rule", default_rules(4), ids=lambda r: f"{r.label[0]}={r.label[1]:g}")
+def test_exit_decided_loop_by_loop_equals_the_rule_given_all_loops(rule):
+    g = torch.Generator().manual_seed(0)
+    T = 4
+    gates = torch.randn(3, 5, T, generator=g) * 2
+    base = torch.randn(3, 5, 8, generator=g)
+    states = [base + torch.randn(3, 5, 8, generator=g) * 0.4 / t for t in range(1, T + 1)]
+    exits = rule.exit_loops(gates, states)
+    for t in range(1, T + 1):
+        assert torch.equal(fired_by(rule, gates, states, t, T), exits <= t), t
+
+
+# -- the cache itself ----------------------------------------------------------------------------
+def test_cache_memory_per_mode_and_in_place_writes():
+    model = make_model()
+    cfg, T = model.cfg, model.cfg.n_loops
+    sizes = {}
+    for mode in MODES:
+        out = generate(model, PROMPTS, max_new_tokens=4, cache=mode)
+        sizes[mode] = out.cache_bytes
+    per_slot = 2 * len(PROMPTS) * cfg.kv_heads * (7 + 4) * cfg.head_dim * 8  # keys + values, float64
+    assert sizes["per_loop"] == T * cfg.n_layers * per_slot
+    assert sizes["last"] == sizes["first"] == sizes["average"] == cfg.n_layers * per_slot
+    cache = StaticKVCache(2, 5)
+    cache.begin(2)
+    k = torch.randn(2, 1, 2, 4)
+    keys, _ = cache.view().update(("loop", 0, 0), k, k)
+    assert keys.data_ptr() == cache.buffers[("loop", 0, 0)][0].data_ptr()  # a view, not a copy
+    cache.finish(torch.tensor([1, 1]), 1)
+    cache.begin(3)
+    with pytest.raises(ValueError, match="max_len=5"):
+        cache.begin(4)
+
+
+def test_left_padding_mask_and_positions():
+    cache = StaticKVCache(2, 6, start=torch.tensor([2, 0]))
+    mask = cache.valid_mask(3)[:, 0]
+    assert mask[0].tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert mask[1].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert cache.positions(3).tolist() == [[0, 0, 0], [0, 1, 2]]
+    mask = StaticKVCache(2, 6, start=torch.tensor([2, 0])).valid_mask(4)[0, 0, 3]
+    assert mask.tolist() == [False, False, True, True]
+
+
+# -- stopping and sampling -----------------------------------------------------------------------
+def test_each_row_stops_at_its_eos_and_the_others_go_on():
+    model = make_model()
+    free = generate(model, PROMPTS, max_new_tokens=6)
+    eos = free.tokens[1][2]
+    out = generate(model, PROMPTS, max_new_tokens=6, eos=eos)
+    for row, new in zip(free.tokens, out.tokens):
+        cut = row.index(eos) + 1 if eos in row else len(row)
+        assert new == row[:cut]
+    lengths = sorted(len(new) for new in out.tokens)
+    assert lengths[0] <= 3 and lengths[-1] == 6 and out.loops_computed == model.cfg.n_loops * out.n_tokens
+
+
+def test_sampling_top_k_one_is_greedy_and_a_seed_reproduces_a_draw():
+    model = make_model()
+    greedy = generate(model, PROMPTS, max_new_tokens=5)
+    assert generate(model, PROMPTS, 5, temperature=1.0, top_k=1).tokens == greedy.tokens
+    assert generate(model, PROMPTS, 5, temperature=1.0, top_p=1e-6).tokens == greedy.tokens
+    draws = [generate(model, PROMPTS, 5, temperature=1.5, generator=torch.Generator().manual_seed(s)).tokens
+             for s in (3, 3, 4)]
+    assert draws[0] == draws[1] != draws[2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompts": []}, "non-empty list"), ({"prompts": [[1], []]}, "prompt 1 is empty"),
+    ({"prompts": [[1, 99]]}, "token 99"), ({"max_new_tokens": 0}, "max_new_tokens=0"),
+    ({"cache": "shared"}, "cache='shared'"), ({"temperature": -1.0}, "temperature=-1.0"),
+    ({"top_k": 0}, "top_k=0"), ({"top_p": 1.5}, "top_p=1.5"), ({"eos": 32}, "eos=32"),
+    ({"n_loops": 0}, "n_loops=0")])
+def test_bad_generation_arguments_are_named(kwargs, message):
+    args = {"prompts": PROMPTS, "max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        generate(make_model(), **args)
