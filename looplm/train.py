@@ -162,7 +162,8 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable)
+    optimizer = build_optimizer(model.named_parameters())  # frozen ones only name-check no_decay
+    lr_multiplier(0, steps)  # a bad warm-up is a config error: raise it before training starts
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if compile:
         for layer in model.layers:
