@@ -99,7 +99,7 @@ def test_a_file_that_includes_another_may_refine_it():
 
 def test_binding_train_steps_while_a_schedule_follows_TRAIN_STEPS_fails():
     with pytest.raises(compose.CompositionError, match=r"TRAIN_STEPS = 2000 still drives CLTSProposal"):
-        parse_config([str(GIN_DIR / "sampled_step.gin")], ["train.steps = 3"])
+        parse_config([str(GIN_DIR / "sampled_step_clts.gin")], ["train.steps = 3"])
 
 
 def test_dry_run_prints_the_recipe_one_line_per_family_and_trains_nothing(tmp_path, capsys):

@@ -1,0 +1,67 @@
+"""Curves and table of the sampled-step study from experiment.py's JSON files.
+
+    python sweeps/results/sampled_step/plot.py OUT_PREFIX LABEL=run.json [LABEL=run.json ...]
+
+Writes OUT_PREFIX.png (held-out exact match at T against step and against training FLOPs, and
+the exit entropy against step) and OUT_PREFIX.md (final exact match per loop, exit distribution,
+entropy, FLOPs and wall time relative to the first run, taken as the full-unroll reference).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def load(spec):
+    label, path = spec.split("=", 1)
+    return label, json.loads(Path(path).read_text())
+
+
+def plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for label, run in runs:
+        T = len(run["eval"][0]["exit_p"])
+        steps = [r["step"] for r in run["eval"]]
+        em = [r["exact_match"][T - 1] for r in run["eval"]]
+        style = dict(lw=2.5, color="black") if run is runs[0][1] else dict(lw=1.4)
+        axes[0].plot(steps, em, label=label, **style)
+        axes[1].plot([r["flops"] / 1e12 for r in run["eval"]], em, label=label, **style)
+        axes[2].plot(steps, [r["entropy"] for r in run["eval"]], label=label, **style)
+    for ax, x, y in zip(axes, ["optimizer step", "training FLOPs (1e12, looplm.tools.bench.flops)",
+                               "optimizer step"], ["exact match at T", "exact match at T", "exit entropy (nats)"]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[2].axhline(1.386, color="grey", ls=":", lw=1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(runs) -> str:
+    ref = runs[0][1]
+    lines = ["| run | exact match, loops 1..T | exit p, loops 1..T | exit entropy | FLOPs vs ref | wall vs ref |",
+             "|---|---|---|---|---|---|"]
+    for label, run in runs:
+        last = run["eval"][-1]
+        T = len(last["exit_p"])
+        lines.append(f"| {label} | {' / '.join(f'{v:.1%}' for v in last['exact_match'][:T])} | "
+                     f"{' / '.join(f'{v:.2f}' for v in last['exit_p'])} | {last['entropy']:.2f} | "
+                     f"{run['flops'] / ref['flops']:.0%} | {run['wall_time'] / ref['wall_time']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    out, runs = Path(argv[0]), [load(spec) for spec in argv[1:]]
+    plot(runs, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(table(runs))
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

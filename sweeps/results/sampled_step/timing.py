@@ -1,0 +1,66 @@
+"""Seconds per training step of full unroll and sampled-step configurations, interleaved.
+
+    OMP_NUM_THREADS=1 python sweeps/results/sampled_step/timing.py [STEPS] [ROUNDS]
+
+On a shared CPU the wall time of whole runs measures the neighbours as much as the estimator,
+so each configuration trains STEPS steps (default model and batch of gin/base.gin, 4-digit
+addition) in turn, ROUNDS times, and the minimum per configuration is reported: the least
+contended measurement of the same work. The sampled step's time depends on the loops drawn, so
+each round covers the same steps (the same draws) for every configuration.
+"""
+
+import sys
+import time
+
+import gin
+import torch
+
+from looplm.data import AdditionTask
+from looplm.model import LoopLM
+from looplm.config import model_config
+from looplm.optim import build_optimizer
+from looplm.recipe import ExitWeighted, Recipe, UniformPrior
+from variants.sampled_step import SampledStep
+
+CONFIGS = {
+    "full unroll": lambda: Recipe(estimator=ExitWeighted(), prior=UniformPrior(0.1)),
+    "sampled step, plain": lambda: Recipe(estimator=SampledStep(), prior=UniformPrior(0.1)),
+    "sampled step, CE_1 baseline": lambda: Recipe(estimator=SampledStep(baseline="first_loop"),
+                                                  prior=UniformPrior(0.1)),
+    "sampled step, loops 1..t + CE_1 baseline": lambda: Recipe(
+        estimator=SampledStep(readout="run", baseline="first_loop"), prior=UniformPrior(0.1)),
+}
+
+
+def seconds(make_recipe, steps, task, cfg):
+    torch.manual_seed(0)
+    model = LoopLM(cfg)
+    recipe = make_recipe()
+    opt = build_optimizer(model.named_parameters(), lr=2e-3)
+    start = time.perf_counter()
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss, _ = recipe.loss(model, task.train_batch(step, 64), step)
+        loss.backward()
+        recipe.estimator.end_step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def main(steps=40, rounds=3):
+    gin.clear_config()
+    task = AdditionTask(n_digits=4, reverse_operands=True)
+    cfg = model_config("tiny", d_model=128, n_layers=2, n_heads=4, d_ff=344, n_loops=4, vocab_size=task.vocab_size)
+    best = {name: float("inf") for name in CONFIGS}
+    for _ in range(rounds):
+        for name, make in CONFIGS.items():
+            best[name] = min(best[name], seconds(make, steps, task, cfg))
+    ref = best["full unroll"]
+    print("| configuration | ms per step (min of rounds) | vs full unroll |\n|---|---|---|")
+    for name, s in best.items():
+        print(f"| {name} | {1000 * s:.1f} | {s / ref:.0%} |")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
