@@ -12,7 +12,7 @@ import contextlib
 import random
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import gin
@@ -20,7 +20,7 @@ import torch
 
 from looplm import checkpoint, compose
 from looplm import nonfinite as nonfinite_guard
-from looplm.config import ModelConfig
+from looplm.config import ModelConfig, sized_for_task
 from looplm.evaluate import evaluate
 from looplm.model import LoopLM
 from looplm.optim import build_optimizer, lr_multiplier
@@ -144,17 +144,24 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     random.seed(seed)
     autocast = _autocast(device, precision)
 
-    cfg = replace(model_config or ModelConfig(), vocab_size=task.vocab_size)
+    if init_from is not None and not isinstance(init_from, str):  # a weight source (looplm.io's
+        cfg = init_from.model_config(model_config, task)  # ouro_checkpoint): its config is the model's
+    else:
+        cfg = sized_for_task(model_config or ModelConfig(), task)
     recipe = recipe or Recipe()
     recipe.seed = seed
     if dry_run:
         return {"model": cfg, "recipe": recipe, "task": task, "settings": settings}
     model = LoopLM(cfg).to(device)
-    if init_from:
+    if isinstance(init_from, str) and init_from:
         source = checkpoint.resolve(init_from)
         state = checkpoint.load(source, require=("model",))
         if state is None:
-            raise FileNotFoundError(f"train.init_from={init_from!r}: no checkpoint there")
+            raise FileNotFoundError(f"train.init_from={init_from!r}: no checkpoint there (a Huggingface "
+                                    "folder loads through `import looplm.io` and @ouro_checkpoint())")
+    elif init_from is not None:
+        source, state = init_from, {"model": init_from.state_dict()}
+    if init_from:
         checkpoint.check_model_state(model, state, source)
         model.load_state_dict(state["model"])
     trainable = recipe.trainable_parameters(model)
