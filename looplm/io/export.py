@@ -30,15 +30,23 @@ def run_model(run_dir) -> tuple[ModelConfig, dict, dict]:
 def export_run(run_dir, out_dir, max_shard_size: int | str = "5GB", dtype: str = "float32",
                exit_threshold: float = 1.0, max_positions: int = 65536, tokenizer: bool = True) -> dict:
     """Write the run's model to out_dir in Ouro's layout; returns what was written."""
+    cfg, state, whole = run_model(run_dir)
+    task = whole.get("config", {}).get("task") if tokenizer else None
+    return export_model(cfg, state, out_dir, task, max_shard_size, dtype, exit_threshold, max_positions)
+
+
+def export_model(cfg: ModelConfig, state: dict, out_dir, task_record: str | None = None,
+                 max_shard_size: int | str = "5GB", dtype: str = "float32", exit_threshold: float = 1.0,
+                 max_positions: int = 65536) -> dict:
+    """Write a model (its config and looplm state dict) to out_dir in Ouro's layout, with the
+    tokenizer of the task the trainer recorded as `task_record` (none when None)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: allowed are {sorted(DTYPES)}")
-    cfg, state, whole = run_model(run_dir)
     config = layout.ouro_config(cfg, exit_threshold, max_positions) | {"torch_dtype": dtype}
     tensors = {name: t.to(DTYPES[dtype]).contiguous() for name, t in layout.to_ouro(cfg, state).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = whole.get("config", {}).get("task")
-    written = {"tokenizer": save_tokenizer(task, out) if tokenizer and task else None}
+    written = {"tokenizer": save_tokenizer(task_record, out) if task_record else None}
     if written["tokenizer"]:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(out)
