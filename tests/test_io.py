@@ -16,14 +16,15 @@ from safetensors.torch import load_file, save_file
 
 import looplm.io  # noqa: F401  (registers the transformers classes)
 from looplm import checkpoint
-from looplm.config import model_config
+from looplm.config import PRESETS, model_config
 from looplm.data import AdditionTask, ManoTask
 from looplm.export import main as export_main
-from looplm.io import LayoutError, ouro_checkpoint
+from looplm.io import LayoutError, ouro_checkpoint, upcycled_checkpoint
 from looplm.io.export import export_run
 from looplm.io.folder import INDEX_NAME, WEIGHTS_NAME, locate
+from looplm.io.layout import model_config_from
 from looplm.io.source import load_model
-from looplm.io.tokenizer import vocabulary_tokenizer
+from looplm.io.tokenizer import save_tokenizer, vocabulary_tokenizer
 from looplm.model import LoopLM
 from looplm.recipe import GateTraining, Recipe
 from looplm.train import train
@@ -207,11 +208,51 @@ def test_a_task_whose_vocabulary_does_not_fit_the_imported_model_is_an_error(exp
 
 
 def test_a_model_config_that_contradicts_the_folder_is_an_error(exported, tmp_path):
-    with pytest.raises(ValueError, match=r"differs from .*config\.json: d_model=64 \(the folder has 32\)"):
+    with pytest.raises(ValueError, match=r"differs from .*config\.json.: d_model=64 \(the checkpoint has 32\)"):
         fit(tmp_path / "x", init_from=ouro_checkpoint(str(exported / "hf")),
             model_config=model_config(**TINY | {"d_model": 64}))
     cfg = ouro_checkpoint(str(exported / "hf"), n_loops=6).config  # shape-keeping overrides apply
     assert cfg.n_loops == 6 and cfg.d_model == 32
+
+
+def test_ouro_1_4b_config_json_reads_as_the_ouro_1_4b_preset():
+    released = {"model_type": "ouro", "architectures": ["OuroForCausalLM"], "hidden_size": 2048,
+                "num_hidden_layers": 24, "intermediate_size": 5632, "num_attention_heads": 16,
+                "num_key_value_heads": 16, "head_dim": 128, "rms_norm_eps": 1e-06, "vocab_size": 49152,
+                "max_position_embeddings": 65536, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+                "rope_scaling": None, "total_ut_steps": 4, "early_exit_threshold": 1.0, "hidden_act": "silu",
+                "torch_dtype": "bfloat16", "use_cache": True, "bos_token_id": 0, "eos_token_id": 0}
+    got, want = model_config_from(released), PRESETS["ouro_1_4b"]
+    assert {k: v for k, v in vars(got).items() if k != "vocab_from_task"} == \
+        {k: v for k, v in vars(want).items() if k not in ("vocab_from_task", "vocab_size")} | {"vocab_size": 49152}
+    assert got.vocab_from_task is False
+
+
+@pytest.mark.parametrize("order", ["stack", "interleave"])
+def test_upcycling_repeats_the_layers(exported, order):
+    small = load_model(str(exported / "hf"))
+    big = upcycled_checkpoint(str(exported / "run"), repeats=2, order=order)  # a looplm run as the source
+    assert big.config.n_layers == 4 and big.config.d_model == 32
+    state, origin = big.state_dict(), {"stack": [0, 1, 0, 1], "interleave": [0, 0, 1, 1]}[order]
+    for i, j in enumerate(origin):
+        layer = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"layers.{i}.")}
+        assert layer and all(torch.equal(v, small.state_dict()[f"layers.{j}.{k}"]) for k, v in layer.items())
+    model = LoopLM(big.config)
+    model.load_state_dict(state)
+    with torch.no_grad():  # the big model = the small model's layer modules run in `origin` order
+        ctx, x = small.context(IDS.shape[1]), small.embed(IDS)
+        for _ in range(3):
+            for j in origin:
+                x = small.layers[j](x, ctx.rope, ctx.mask)
+            x = small.final_norm(x)
+        assert (model.logits(model(IDS).states[-1]) - small.logits(x)).abs().max() < 1e-5
+
+
+def test_training_from_an_upcycled_ouro_folder(exported, tmp_path):
+    summary = fit(tmp_path / "big", steps=3, model_config=None,
+                  init_from=upcycled_checkpoint(str(exported / "hf"), repeats=3, order="interleave"))
+    assert summary["status"] == "complete"
+    assert checkpoint.load(tmp_path / "big" / "checkpoint.pt")["model_config"]["n_layers"] == 6
 
 
 def broken_copy(exported, tmp_path, edit_tensors=None, edit_config=None) -> str:
@@ -284,6 +325,15 @@ def test_the_vocabulary_tokenizer_gives_the_tasks_own_ids(task, tmp_path):
         text = task.decode(ids)
         assert tok(text, add_special_tokens=False).input_ids == ids
         assert tok.decode(ids) == text
+
+
+def test_a_runs_hf_tokenizer_is_exported_as_it_is(tmp_path):
+    from transformers import AutoTokenizer
+    vocabulary_tokenizer(["<pad>", "<eos>", "hello", "world"]).save_pretrained(tmp_path / "tok")  # any HF tokenizer
+    record = "TextTask" + repr({"tokenizer_name": str(tmp_path / "tok"), "hf_cache_dir": None, "seq_len": 8})
+    assert "HF tokenizer" in save_tokenizer(record, tmp_path / "out")
+    exported, original = AutoTokenizer.from_pretrained(tmp_path / "out"), AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert exported.get_vocab() == original.get_vocab() and exported("hello world").input_ids == [2, 3]
 
 
 OURO_CODE = os.environ.get("OURO_MODELING_DIR")  # a folder with Ouro's modeling_ouro.py + configuration_ouro.py
