@@ -20,7 +20,7 @@ from looplm.config import PRESETS, model_config
 from looplm.data import AdditionTask, ManoTask
 from looplm.export import main as export_main
 from looplm.io import LayoutError, ouro_checkpoint, upcycled_checkpoint
-from looplm.io.export import export_run
+from looplm.io.export import export_model, export_run
 from looplm.io.folder import INDEX_NAME, WEIGHTS_NAME, locate
 from looplm.io.layout import model_config_from
 from looplm.io.source import load_model
@@ -199,6 +199,26 @@ def test_training_from_an_ouro_folder_keeps_its_config_vocabulary_and_weights(ex
     start = load_model(str(exported / "hf")).state_dict()
     changed = sorted(k for k in start if not torch.equal(start[k], saved["model"][k]))
     assert changed == ["gate.bias", "gate.weight"]  # all else is the folder's, untouched by Stage II
+
+
+def test_a_tied_head_exports_as_tie_word_embeddings_and_bfloat16_as_asked(tmp_path):
+    cfg = model_config(**TINY | {"tie_head": True})
+    state = LoopLM(cfg).state_dict()
+    export_model(cfg, state, tmp_path / "hf", dtype="bfloat16")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    tensors = load_file(tmp_path / "hf" / WEIGHTS_NAME)
+    assert "lm_head.weight" not in tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    model = load_model(str(tmp_path / "hf"))
+    assert model.lm_head.weight is model.embed.weight
+    assert all(torch.equal(t, state[k].bfloat16().float()) for k, t in model.state_dict().items())
+
+
+def test_transformers_refuses_a_padding_mask(exported):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(exported / "hf")
+    hf(IDS, attention_mask=torch.ones_like(IDS))  # nothing hidden: fine
+    with pytest.raises(ValueError, match="padded batches are not supported"):
+        hf(IDS, attention_mask=torch.ones_like(IDS).index_fill(1, torch.tensor([0]), 0))
 
 
 def test_a_task_whose_vocabulary_does_not_fit_the_imported_model_is_an_error(exported, tmp_path):

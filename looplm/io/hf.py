@@ -57,11 +57,6 @@ class LoopLMConfig(PreTrainedConfig):
         values = {k: v for k, v in self.to_dict().items() if k not in generic and v is not None}
         return layout.model_config_from(values, f"{self.name_or_path or 'LoopLMConfig'} config")
 
-    @classmethod
-    def from_looplm(cls, cfg: ModelConfig, **extra) -> "LoopLMConfig":
-        fields = layout.ouro_config(cfg)
-        return cls(**{k: v for k, v in fields.items() if k not in ("model_type", "architectures")}, **extra)
-
 
 def _tree(shapes: dict) -> nn.Module:
     """Nested modules whose parameter names are exactly the keys of `shapes`."""
@@ -112,8 +107,13 @@ class LoopLMForCausalLM(PreTrainedModel):
         params = dict(self.named_parameters())
         return layout.from_ouro(self.looplm_config, params.__getitem__, params, type(self).__name__)
 
-    def forward(self, input_ids, labels=None, n_loops: int | None = None, return_loop_logits: bool = False,
-                **unused):
+    def forward(self, input_ids, attention_mask=None, labels=None, n_loops: int | None = None,
+                return_loop_logits: bool = False, use_cache=None, return_dict=None):
+        """Logits of the last loop (and, asked for, of every loop); loss when labels are given.
+        No KV cache (use_cache is ignored) and no padding: a mask hiding a token is an error."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("LoopLMForCausalLM: attention_mask hides tokens; padded batches are not supported "
+                             "(looplm.infer generates with left padding)")
         state = self.looplm_state()
         traj = functional_call(self._skeleton, state, (input_ids,), {"n_loops": n_loops})
         head = state["lm_head.weight"]
