@@ -62,9 +62,12 @@ def test_gin_file_trains_a_few_steps(name, tmp_path, stage1_run):
     assert (tmp_path / "config.gin").exists()
 
 
-@pytest.mark.parametrize("injection, learns", [(None, False), ("add", True), ("concat", True)])
+@pytest.mark.parametrize("injection, learns", [("default", True), ("None", False), ('"add"', True),
+                                               ('"concat"', True)])
 def test_one_step_gradient_trains_the_embedding_only_with_input_injection(injection, learns, tmp_path):
-    extra = [] if injection is None else [f'model_config.input_injection = "{injection}"']
+    """truncated.gin injects the embedding into every loop by default; without injection (Ouro's
+    stack) the one-step gradient never reaches it."""
+    extra = [] if injection == "default" else [f"model_config.input_injection = {injection}"]
     assert _run("truncated.gin", tmp_path, *extra) == 0
     state = checkpoint.load(tmp_path / "checkpoint.pt")
     torch.manual_seed(0)  # train.seed: the run's initial weights
