@@ -170,6 +170,15 @@ class SampledStep(LossEstimator):
         t = int(torch.multinomial(q, 1, generator=step_generator(seed, step, "sampled_step"))) + 1
         return self._outcome(t, extra | {"t": t})
 
+    def local_rows(self, extra, rows):
+        """Data parallelism: rows were drawn for the global batch; this rank keeps its share (and
+        runs to the deepest loop of the whole batch, as one process would)."""
+        return extra | {"rows": extra["rows"][rows]} if "rows" in extra else extra
+
+    def local_rows(self, extra, rows):
+        """A per-sequence draw made for the global batch, cut to this rank's `rows` (a slice)."""
+        return extra | {"rows": extra["rows"][rows]} if "rows" in extra else extra
+
     # -- the loss -------------------------------------------------------------------------------
     def _slots(self, loops, q, run):
         """(loop per row, importance ratio per row) of every read-out: one for readout="sampled"

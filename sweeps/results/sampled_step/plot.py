@@ -3,18 +3,21 @@
     python sweeps/results/sampled_step/plot.py OUT_PREFIX LABEL=run.json [LABEL=run.json ...]
 
 Writes OUT_PREFIX.png (held-out exact match at T against step and against training FLOPs, and
-the exit entropy against step) and OUT_PREFIX.md (final exact match per loop, exit distribution,
+the exit entropy and the exit probability of loop 1 against step) and OUT_PREFIX.md (final exact match per loop, exit distribution,
 entropy, FLOPs and wall time relative to the first run, taken as the full-unroll reference).
 """
 
+import gzip
 import json
 import sys
 from pathlib import Path
 
 
 def load(spec):
+    """LABEL=PATH; PATH a JSON file of experiment.py, or the same gzipped (curves/*.json.gz)."""
     label, path = spec.split("=", 1)
-    return label, json.loads(Path(path).read_text())
+    raw = gzip.open(path).read() if path.endswith(".gz") else Path(path).read_bytes()
+    return label, json.loads(raw)
 
 
 def plot(runs, path):
@@ -23,7 +26,7 @@ def plot(runs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for label, run in runs:
         T = len(run["eval"][0]["exit_p"])
         steps = [r["step"] for r in run["eval"]]
@@ -32,8 +35,10 @@ def plot(runs, path):
         axes[0].plot(steps, em, label=label, **style)
         axes[1].plot([r["flops"] / 1e12 for r in run["eval"]], em, label=label, **style)
         axes[2].plot(steps, [r["entropy"] for r in run["eval"]], label=label, **style)
+        axes[3].plot(steps, [r["exit_p"][0] for r in run["eval"]], label=label, **style)
     for ax, x, y in zip(axes, ["optimizer step", "training FLOPs (1e12, looplm.tools.bench.flops)",
-                               "optimizer step"], ["exact match at T", "exact match at T", "exit entropy (nats)"]):
+                               "optimizer step", "optimizer step"],
+                            ["exact match at T", "exact match at T", "exit entropy (nats)", "exit probability of loop 1"]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
