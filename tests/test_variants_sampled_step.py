@@ -280,3 +280,12 @@ def test_fixed_schedule_needs_a_fixed_loop_count():
     Recipe(loop_count=FixedLoops(2), estimator=est)
 
 
+
+
+def test_local_rows_cut_a_per_sequence_draw_to_a_ranks_rows():
+    est = SampledStep(per_sequence=True)
+    _, _, extra = est.plan(4, 3, seed=0, batch_size=8)
+    local = est.local_rows(extra, slice(4, 8))
+    assert torch.equal(local["rows"], extra["rows"][4:]) and local["q"] is extra["q"]
+    _, _, per_batch = SampledStep().plan(4, 3, seed=0, batch_size=8)
+    assert SampledStep().local_rows(per_batch, slice(4, 8)) == per_batch  # one t for every row
