@@ -20,7 +20,7 @@
 # LOOPLM_LAUNCHER (a command prefix, e.g. the `srun ... torchrun ...` of a multi-GPU task; see the
 # .slurm files), LOOPLM_FORWARD_SIGNAL (the signal sent on, default USR1; TERM for a launcher that
 # does not pass USR1 on: the trainer checkpoints on either), and the LOOPLM_SWEEP_* overrides of
-# looplm/sweep.py.
+# looplm/lab/sweep_cli.py.
 
 # The whole script is one { ... } block, so bash reads all of it before running any: editing this
 # file while a sweep runs cannot change what running tasks execute (bash reads scripts lazily).

@@ -1,10 +1,12 @@
 """Sweeps without Slurm: the grid and its task ids, the shipped declarations and .slurm files, the
 CLI, tiny local tasks writing into one Aim repo at the same time, resume into the same Aim run,
-and the collected table and plots with missing tasks reported by name."""
+the collected table and plots with missing tasks reported by name, and collect grouping by sweep
+id and grid point: runs that are not seeds of one config are refused, never averaged."""
 
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,10 @@ import pytest
 
 from looplm.exits import default_rules
 from looplm.lab import Bundle, Sweep
+from looplm.lab.aim_runs import RunResult, run_config
 from looplm.lab.declaration import load
-from looplm.lab.launch import run_argv
+from looplm.lab.groups import MixedRuns, group_runs
+from looplm.lab.launch import ensure_aim_repo, run_argv
 from looplm.lab.paths import paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +90,12 @@ def test_selection_keeps_names_and_renumbers_ids():
     ({"grid": {"A.beta": [1], "B.beta": [2]}}, "short name"),
     ({"seeds": [1, 1]}, "each once"),
     ({"name": "bad name"}, "Sweep.name"),
+    ({"grid": {}}, "is empty"),
+    ({"grid": {"prior": {}}}, "has no values"),
 ])
 def test_declaration_errors_say_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        Sweep(**{"name": "demo", "base": ["gin/base.gin"], **kwargs})
+        Sweep(**{"name": "demo", "base": ["gin/base.gin"], "grid": {"prior": {"a": "x.y = 1"}}, **kwargs})
 
 
 @pytest.mark.parametrize("spec, message", [("nope=1", "no axis 'nope'"), ("beta=3", "no value")])
@@ -116,6 +122,20 @@ def test_environment_overrides(tmp_path):
     assert f'train.run_dir = "{tmp_path}/out/prior=uniform,beta=0.1,seed=4"' in binds
     assert 'Tracker.experiment = "prior_ablation"' in binds and "train.seed = 4" in binds
     assert argv[0] == "--gin" and (ROOT / argv[1]).resolve() == ROOT / "gin" / "full_unroll.gin"
+
+
+def test_sweep_id_is_the_declaration_not_the_selection():
+    """One sweep run from any grid selection, seeds or LOOPLM_SWEEP_BIND (a resume with a longer
+    TRAIN_STEPS) keeps its id; another declaration under the same name gets another."""
+    full = load(PRIOR, {})
+    assert full.id.startswith("prior_ablation-")
+    assert load(PRIOR, {"LOOPLM_SWEEP_GRID": "prior=uniform", "LOOPLM_SWEEP_SEEDS": "7",
+                        "LOOPLM_SWEEP_BIND": "TRAIN_STEPS = 6"}).id == full.id
+    assert Sweep(name="prior_ablation", base=full.base, grid=full.grid, bind=[*full.bind, "x.y = 1"]).id != full.id
+    assert Sweep(name="prior_ablation", base=["gin/sampled_step.gin"], grid=full.grid).id != full.id
+    where = paths(full, {})
+    hparams = eval(run_argv(full, full.tasks()[0], where)[-1].split(" = ", 1)[1])  # the train.hparams literal
+    assert hparams["sweep_id"] == full.id and hparams["grid_point"] == full.tasks()[0].point
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -196,6 +216,7 @@ def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
 
     tmp, env = local_sweep
     tasks = {t.name: t for t in load(PRIOR, env).tasks()}
+    sweep_id = load(PRIOR, env).id
     runs = [r for r in open_repo(str(tmp / "aim")).iter_runs() if r.experiment == "prior_ablation"]
     names = sorted(r["hparams"]["task"] for r in runs)
     assert names == sorted(tasks[n].name for n in tasks if not n.endswith("seed=2"))
@@ -203,7 +224,8 @@ def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
         hp = run["hparams"]
         task = tasks[hp["task"]]
         assert (hp["grid_point"], hp["grid"], hp["seed"]) == (task.point, task.grid, task.seed)
-        assert "Recipe.prior = @" in hp["gin"] and f"train.seed = {task.seed}" in hp["gin"]
+        assert hp["sweep_id"] == sweep_id
+        assert hp["gin"]["Recipe.prior"].startswith("@") and hp["gin"]["train.seed"] == str(task.seed)
         series = {}
         for m in run.metrics():
             if not m.name.startswith("__system__"):  # Aim's own resource sampling
@@ -211,8 +233,8 @@ def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
                 key = (m.name, ctx["subset"], ctx.get("loop") or (ctx.get("exit_rule"), ctx.get("threshold")))
                 series[key] = m.data.view("val").numpy()[0].tolist()
         T, train_steps, eval_steps = 4, list(range(STEPS)), list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
-        expected = {(name, "train", (None, None)) for name in ("loss", "grad_norm", "lr", "tokens_per_s", "wall_time", "n_loops",
-                                                       "exit_mean", "entropy")}
+        expected = {(name, "train", (None, None)) for name in ("loss", "grad_norm", "lr", "tokens_per_s", "wall_time",
+                                                               "n_loops", "exit_mean", "entropy")}
         expected |= {(name, "train", t) for name in ("ce", "acc", "exit_p") for t in range(1, T + 1)}
         expected |= {(name, "eval", t) for name in ("ce", "acc", "exact_match") for t in range(1, 2 * T + 1)}
         expected |= {("exit_p", "eval", t) for t in range(1, T + 1)}
@@ -294,8 +316,8 @@ def test_resume_continues_the_same_aim_run_after_a_hard_kill(tmp_path):
     lock.write_text(f"{LockManager.machine_id + 1}-1-0")  # held by "another machine"
     assert LockManager(lock.parent.parent).get_run_lock_info(run.hash).locked
 
-    proc = cli("looplm.sweep", "run", PRIOR, "--task", 0, env={**tiny_env(tmp_path, **select),
-                                                               "SLURM_RESTART_COUNT": "1"})
+    proc = cli("looplm.sweep", "run", PRIOR, "--task", 0, "--resume",  # a new TRAIN_STEPS: say so
+               env={**tiny_env(tmp_path, **select), "SLURM_RESTART_COUNT": "1"})
     assert "releasing the stale Aim lock" in proc.stdout and "at step 3" in proc.stdout
     runs = list(open_repo(str(tmp_path / "aim")).iter_runs())
     assert [r.hash for r in runs] == [run.hash]
@@ -321,3 +343,99 @@ def test_a_task_with_several_runs_counts_once():
     kept, superseded = dedupe([empty, complete, partial])
     assert kept == [complete] and superseded == [empty, partial]
     assert partial.problem == "stopped at step 3 of 6" and complete.problem is None
+
+
+# --------------------------------------------------------------------- runs that must not be mixed
+
+def fake_run(name: str, point: str, seed: int, config: dict, sweep_id: str | None = "demo-1") -> RunResult:
+    return RunResult(name, f"{point},seed={seed}", 0, point, seed, f"/{sweep_id}/{point},seed={seed}", steps=6,
+                     n_loops=4, created=0.0, sweep_id=sweep_id, config=config)
+
+
+def test_run_config_leaves_out_only_what_seeds_differ_in():
+    def hparams(seed, steps="6"):
+        return {"seed": seed, "task": f"p=1,seed={seed}", "task_id": seed, "run_dir": f"/s/p=1,seed={seed}",
+                "steps": int(steps), "recipe": {"estimator": "ExitWeighted"}, "model": {"d_model": 32},
+                "gin": {"train.seed": str(seed), "train.run_dir": f"'/s/p=1,seed={seed}'", "TRAIN_STEPS": steps,
+                        "train.hparams": f"{{'task': 'p=1,seed={seed}'}}", "Recipe.prior": "@UniformPrior()"}}
+
+    assert run_config(hparams(0)) == run_config(hparams(1))
+    assert run_config(hparams(0)) == {"steps": 6, "recipe: estimator": "ExitWeighted", "model: d_model": 32,
+                                      "gin: TRAIN_STEPS": "6", "gin: Recipe.prior": "@UniformPrior()"}
+    longer = run_config(hparams(1, steps="300"))
+    assert {k for k in longer if longer[k] != run_config(hparams(0))[k]} == {"steps", "gin: TRAIN_STEPS"}
+
+
+def test_a_group_whose_runs_differ_in_more_than_the_seed_is_refused():
+    full = {"gin: Recipe.estimator": "@ExitWeighted()", "steps": 6}
+    sampled = {"gin: Recipe.estimator": "@SampledStep()", "steps": 6}
+    a, b = fake_run("aaa", "all", 0, full, None), fake_run("bbb", "all", 1, sampled, None)
+    with pytest.raises(MixedRuns, match=r"runs aaa \(.*\) and bbb \(.*\) differ in more than the seed.*"
+                                        r"gin: Recipe.estimator: '@ExitWeighted\(\)' vs '@SampledStep\(\)'"):
+        group_runs([a, b], None)
+    with pytest.raises(MixedRuns, match="runs aaa .* and ccc .* same config and the same seed 0"):
+        group_runs([a, fake_run("ccc", "all", 0, full, None)], None)
+    [group] = group_runs([a, fake_run("ddd", "all", 1, full, None)], None)  # seeds of one config: fine
+    assert [r.run_hash for r in group.runs] == ["aaa", "ddd"] and group.point == "all"
+
+
+def test_two_sweeps_of_one_name_are_grouped_apart():
+    six, three = {"gin: TRAIN_STEPS": "6"}, {"gin: TRAIN_STEPS": "3"}
+    runs = [fake_run("a", "p=1", 0, six), fake_run("b", "p=1", 1, six), fake_run("c", "p=1", 0, three, "demo-2")]
+    groups = group_runs(runs, None)
+    assert [(g.point, g.sweep_id, [r.run_hash for r in g.runs]) for g in groups] == [
+        ("p=1 [demo-1]", "demo-1", ["a", "b"]), ("p=1 [demo-2]", "demo-2", ["c"])]
+
+
+def test_collect_keeps_two_lengths_of_one_sweep_apart(local_sweep, tmp_path):
+    """The same declaration run again with another TRAIN_STEPS into another folder but the same
+    Aim repo: collect of the sweep counts only its own tasks' runs; the experiment's runs
+    collected as a whole are refused, naming the length (before, the 3-step run was averaged into
+    the 6-step runs' grid point as a third seed)."""
+    tmp, env = local_sweep
+    shutil.copytree(tmp / "aim", tmp_path / "aim")  # the module's repo stays as the other tests expect it
+    env = {**env, "LOOPLM_AIM_REPO": str(tmp_path / "aim")}
+    short = {**env, "LOOPLM_SWEEP_DIR": str(tmp_path / "short"), "LOOPLM_SWEEP_SEEDS": "2",
+             "LOOPLM_SWEEP_GRID": "prior=uniform;beta=0.1",
+             "LOOPLM_SWEEP_BIND": TINY.replace(f"TRAIN_STEPS = {STEPS}", "TRAIN_STEPS = 3")}
+    cli("looplm.sweep", "run", PRIOR, "--task", 0, env=short)
+
+    proc = cli("looplm.sweep", "collect", PRIOR, env=env, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # seed 2 still missing, as before
+    assert "prior=uniform,beta=0.1,seed=2: missing: no Aim run" in proc.stdout
+    assert f"{tmp_path / 'short'}/prior=uniform,beta=0.1,seed=2) is not a task of" in proc.stdout
+    _, *rows = csv.reader((tmp / "sweep" / "results" / "table.csv").open())
+    assert [row[:3] for row in rows] == [["prior=uniform,beta=0.1", "2", "3"],
+                                         ["prior=geometric_0.5,beta=0.1", "2", "3"]]
+
+    proc = cli("looplm.analyze", "--experiment", "prior_ablation", "--repo", tmp_path / "aim", "--out",
+               tmp_path / "all", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert "grid point 'prior=uniform,beta=0.1'" in proc.stderr and "gin: TRAIN_STEPS: '6' vs '3'" in proc.stderr
+    assert str(tmp_path / "short") in proc.stderr
+
+
+def test_collect_refuses_unrelated_runs_of_one_experiment(tmp_path):
+    """`python -m looplm.run` runs outside a sweep (experiment "default", grid point "all"):
+    full unroll and sampled step are not two seeds of one config; collect says which keys differ."""
+    repo = tmp_path / "aim"
+    ensure_aim_repo(str(repo))
+    binds = [*(b.strip() for b in TINY.split(";")), "train.tracker = @Tracker()", f"Tracker.repo = '{repo}'",
+             "Tracker.enabled = True"]
+    argv = {name: [arg for b in [*binds, f"train.run_dir = '{tmp_path / name}'"] for arg in ("--bind", b)]
+            for name in ("full_unroll", "sampled_step")}
+    procs = [subprocess.Popen([sys.executable, "-m", "looplm.run", "--gin", f"gin/{name}.gin", *argv[name]],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name in ("full_unroll", "sampled_step")]
+    for p in procs:
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+
+    proc = cli("looplm.analyze", "--experiment", "default", "--repo", repo, "--out", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    [message] = proc.stderr.strip().splitlines()
+    assert message.startswith("collect error: grid point 'all': runs ") and "differ in more than the seed" in message
+    assert str(tmp_path / "full_unroll") in message and str(tmp_path / "sampled_step") in message
+    pair = {"'@ExitWeighted()' vs '@SampledStep()'", "'@SampledStep()' vs '@ExitWeighted()'"}  # in read order
+    assert any(f"gin: Recipe.estimator: {p};" in message for p in pair), message
+    assert not (tmp_path / "out").exists()

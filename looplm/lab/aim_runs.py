@@ -1,6 +1,7 @@
 """A sweep's runs read back from Aim: what the table and plots need of each run (final train
-loss, the last evaluation per loop, the early-exit frontier, tokens/s, wall time), and which runs
-count (one per task: the one that got furthest, then the newest)."""
+loss, the last evaluation per loop, the early-exit frontier, tokens/s, wall time), its sweep id and
+config (to group by and to compare), and which runs count (one per task: the one that got
+furthest, then the newest)."""
 
 import math
 import time
@@ -13,6 +14,26 @@ from looplm.lab.paths import is_remote
 
 EVAL_PER_LOOP = ("ce", "acc", "exact_match")
 FRONTIER_METRICS = {"exit_acc": "acc", "exit_exact_match": "exact_match", "exit_loops": "mean_loops"}
+PER_TASK_HPARAMS = {"seed", "task", "task_id", "run_dir"}  # what the seeds of one grid point differ in
+PER_TASK_BINDINGS = {"train.seed", "train.run_dir", "train.hparams"}
+
+
+def run_config(hparams: dict) -> dict:
+    """A run's config from its hparams, flat (`gin: Recipe.prior`, `model: d_model`, `steps`, ...),
+    without what the seeds of one grid point differ in: the seed and the task's name, id and run
+    folder. Two runs of one grid point must agree on every key."""
+    flat = {}
+    for key, value in hparams.items():
+        if key in PER_TASK_HPARAMS:
+            continue
+        if key == "gin" and isinstance(value, str):  # older runs: the operative config's text
+            value = dict(line.split(" = ", 1) for line in value.splitlines()
+                         if " = " in line and not line.startswith((" ", "#")))
+        if key in ("gin", "recipe", "model") and isinstance(value, dict):
+            flat |= {f"{key}: {k}": v for k, v in value.items() if not (key == "gin" and k in PER_TASK_BINDINGS)}
+        else:
+            flat[key] = value
+    return flat
 
 
 @dataclass(eq=False)
@@ -28,6 +49,8 @@ class RunResult:
     steps: int  # the configured number of steps
     n_loops: int  # trained T
     created: float
+    sweep_id: str | None = None  # the sweep's id (looplm.lab.declaration.Sweep.id); None outside a sweep
+    config: dict = field(default_factory=dict)  # run_config of its hparams
     loss_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tokens_per_s: float = math.nan
@@ -82,7 +105,8 @@ def read_run(run) -> RunResult:
     result = RunResult(run_hash=run.hash, task=str(hp.get("task", run.hash)), task_id=int(hp.get("task_id", 0)),
                        point=str(hp.get("grid_point", "all")), seed=int(hp.get("seed", 0)),
                        run_dir=str(hp.get("run_dir", "")), steps=int(hp.get("steps", 0)),
-                       n_loops=int(hp.get("model", {}).get("n_loops", 0)), created=float(run.creation_time))
+                       n_loops=int(hp.get("model", {}).get("n_loops", 0)), created=float(run.creation_time),
+                       sweep_id=hp.get("sweep_id"), config=run_config(hp))
     evals: dict[tuple, tuple] = {}
     frontier: dict[tuple, dict] = {}
     for metric in run.metrics():

@@ -24,14 +24,19 @@ task i is point i // len(seeds) with seed seeds[i % len(seeds)].
 `load` applies the environment overrides that every sweep command reads, so that list, count,
 run and collect agree: LOOPLM_SWEEP_GRID (a smaller grid), LOOPLM_SWEEP_SEEDS (other seeds) and
 LOOPLM_SWEEP_BIND (extra bindings); see looplm/lab/sweep_cli.py.
+
+`Sweep.id` names the sweep in every task's hparams, so that collect never averages runs of two
+declarations that share a name.
 """
 
 import dataclasses
+import hashlib
 import importlib.util
 import itertools
 import json
 import os
 import re
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +80,7 @@ class Task:
 class Sweep:
     name: str
     base: list[str]
-    grid: dict = field(default_factory=dict)
+    grid: dict
     seeds: list[int] = field(default_factory=lambda: [0])
     bind: list[str] = field(default_factory=list)
     overrides: tuple[str, ...] = ()  # LOOPLM_SWEEP_BIND: after the grid's bindings
@@ -89,10 +94,22 @@ class Sweep:
         self.seeds = [int(s) for s in self.seeds]
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"Sweep.seeds={self.seeds}: give at least one seed, each once")
+        if not isinstance(self.grid, dict) or not self.grid:
+            raise ValueError(f"Sweep {self.name!r}: grid={self.grid!r} is empty: give at least one axis "
+                             "(one configuration over seeds: grid={'config': {'base': []}})")
         self.axes = {axis: _axis_values(axis, values) for axis, values in self.grid.items()}
         shorts = [_short(axis) for axis in self.axes]
         if len(set(shorts)) != len(shorts):
             raise ValueError(f"grid axes {list(self.axes)} share a short name {shorts}: rename one")
+
+    @property
+    def id(self) -> str:
+        """The name and a hash of the declaration's shared settings (base gin files, bindings).
+        Not the grid, the seeds or LOOPLM_SWEEP_*, so that tasks run from any selection of one
+        sweep, or resumed with a longer TRAIN_STEPS (`run --resume`), keep their id; runs of one
+        grid point whose configs differ in more than the seed are refused by collect instead."""
+        shared = json.dumps([self.name, self.base, self.bind])
+        return f"{self.name}-{hashlib.sha256(shared.encode()).hexdigest()[:8]}"
 
     def tasks(self) -> list[Task]:
         tasks = []
@@ -176,11 +193,20 @@ def _axis_values(axis: str, values) -> list[Value]:
                for v in values]
     else:
         raise ValueError(f"grid axis {axis!r}: give a list of values or a dict of labelled values")
+    if not out:
+        raise ValueError(f"grid axis {axis!r} has no values, so the grid is empty: give it at least one")
     labels = [v.label for v in out]
-    if not out or len(set(labels)) != len(labels) or not all(_LABEL.fullmatch(label) for label in labels):
+    if len(set(labels)) != len(labels) or not all(_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"grid axis {axis!r}: labels {labels} must be distinct, non-empty, and made of "
                          "letters, digits, '_', '.', '+', '-'")
     return out
+
+
+def _line_of(err: BaseException, path: Path) -> str:
+    """', line N' of the declaration where `err` was raised (or could not be parsed), else ''."""
+    frames = [f.lineno for f in traceback.extract_tb(err.__traceback__) if f.filename == str(path)]
+    line = frames[-1] if frames else getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+    return f", line {line}" if line else ""
 
 
 def load(path: str | Path, env=None) -> Sweep:
@@ -191,7 +217,11 @@ def load(path: str | Path, env=None) -> Sweep:
     if spec is None or not path.is_file():
         raise FileNotFoundError(f"sweep file {str(path)!r} not found")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001  (a declaration is user code: any error is a bad declaration)
+        raise ValueError(f"{path}{_line_of(err, path)}: "
+                         + (str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}")) from None
     sweep = getattr(module, "SWEEP", None)
     if not isinstance(sweep, Sweep):
         raise ValueError(f"{path} must define SWEEP = looplm.lab.Sweep(...)")

@@ -1,17 +1,19 @@
 """Running a sweep's tasks: the `python -m looplm.run` arguments of a task, training it in this
-process (the Aim repo created once, a killed start's stale run lock released), and the collect
-job chained after a Slurm array.
+process (the Aim repo created once, a killed start's stale run lock released), the check that a
+Slurm array fits the sweep, and the collect job chained after the array.
 
 A task trains with `train.run_dir = <sweep dir>/<task name>` (the name, e.g.
 `prior=uniform,beta=0.1,seed=0`, does not depend on the id, so a task resumes its own checkpoint
 whichever grid selection it was started from), into one Aim run of experiment `<sweep name>`
-whose hparams hold the grid point (`grid`, `grid_point`), the task name, the seed and the full gin
-config. Bindings apply in this order, later ones winning: the sweep's `bind`, the grid point's,
-LOOPLM_SWEEP_BIND, then the run directory, seed and tracker that the sweep sets itself.
+whose hparams hold the sweep's id (`sweep_id`), the grid point (`grid`, `grid_point`), the task
+name, the seed and the full gin config. Bindings apply in this order, later ones winning: the
+sweep's `bind`, the grid point's, LOOPLM_SWEEP_BIND, then the run directory, seed and tracker that
+the sweep sets itself.
 """
 
 import fcntl
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -34,14 +36,41 @@ def _gin_path(name: str) -> str:
 def run_argv(sweep: Sweep, task: Task, where: Paths) -> list[str]:
     """The `python -m looplm.run` arguments of one task."""
     run_dir = str(where.run_dir(task))
-    hparams = {"sweep": sweep.name, "task": task.name, "task_id": task.id, "grid_point": task.point,
-               "grid": task.grid, "run_dir": run_dir}
+    hparams = {"sweep": sweep.name, "sweep_id": sweep.id, "task": task.name, "task_id": task.id,
+               "grid_point": task.point, "grid": task.grid, "run_dir": run_dir}
     binds = [*sweep.bind, *task.bind, *sweep.overrides,
              f"train.run_dir = {gin_literal(run_dir)}", f"train.seed = {task.seed}", "train.tracker = @Tracker()",
              f"Tracker.repo = {gin_literal(where.repo)}", f"Tracker.experiment = {gin_literal(sweep.name)}",
              "Tracker.enabled = True", f"train.hparams = {gin_literal(hparams)}"]
     return ([arg for f in (*sweep.base, *task.gin) for arg in ("--gin", _gin_path(f))]
             + [arg for b in binds for arg in ("--bind", b)])
+
+
+def declared_array(sweep: Sweep) -> tuple[Path, str] | None:
+    """The .slurm file next to the declaration and its `#SBATCH --array=` value, if it has one."""
+    script = sweep.file.with_suffix(".slurm") if sweep.file else None
+    if script is None or not script.is_file():
+        return None
+    match = re.search(r"^#SBATCH\s+--array=(\S+)", script.read_text(), re.MULTILINE)
+    return (script, match[1]) if match else None
+
+
+def array_problem(sweep: Sweep, env) -> str | None:
+    """Why the Slurm array a task runs in does not fit the sweep (tasks beyond the grid, or the
+    .slurm file's own --array line left behind by a changed grid), or None. An array smaller
+    than the sweep is fine when given on the command line (rerunning some tasks)."""
+    if "SLURM_ARRAY_TASK_MAX" not in env:
+        return None
+    n, low, high = len(sweep.tasks()), int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_MAX"])
+    fix = f"submit with --array=0-{n - 1} (python -m looplm.sweep count {sweep.file})"
+    if high >= n:
+        return (f"the Slurm array {low}-{high} of job {env.get('SLURM_ARRAY_JOB_ID', '?')} runs tasks beyond the "
+                f"{n} tasks (0-{n - 1}) of sweep {sweep.name!r} with the current LOOPLM_SWEEP_* overrides: {fix}")
+    declared = declared_array(sweep)
+    if declared and declared[1].split("%")[0] == f"{low}-{high}" and high != n - 1:
+        return (f"{declared[0]}: its '#SBATCH --array={declared[1]}' line does not match the {n} tasks of "
+                f"sweep {sweep.name!r}: write --array=0-{n - 1}, or {fix}")
+    return None
 
 
 def ensure_aim_repo(repo: str) -> None:
@@ -79,9 +108,10 @@ def release_stale_run_lock(repo: str, run_dir: Path) -> None:
         locks.release_locks(run_hash, force=True)
 
 
-def run_task(sweep: Sweep, task: Task, where: Paths) -> int:
+def run_task(sweep: Sweep, task: Task, where: Paths, run_flags: tuple[str, ...] = ()) -> int:
     """Train one task in this process (so a signal sent to it reaches the trainer) and return the
-    trainer's exit code: 0 done, 2 config error, 3 pre-empted (checkpointed, start it again)."""
+    trainer's exit code: 0 done, 2 config error, 3 pre-empted (checkpointed, start it again).
+    run_flags: `python -m looplm.run` flags for a run folder that holds a run (--resume, --overwrite)."""
     run_dir = where.run_dir(task)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not where.remote:
@@ -90,7 +120,7 @@ def run_task(sweep: Sweep, task: Task, where: Paths) -> int:
             release_stale_run_lock(where.repo, run_dir)
     from looplm.run import main
 
-    return main(run_argv(sweep, task, where))
+    return main([*run_argv(sweep, task, where), *run_flags])
 
 
 def chain_collect(sweep: Sweep, where: Paths, array_job_id: str, log: str | None = None) -> str | None:

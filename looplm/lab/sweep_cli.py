@@ -2,14 +2,18 @@
 
     python -m looplm.sweep list SWEEP.py              task id -> grid point, gin files, bindings
     python -m looplm.sweep count SWEEP.py             the number of tasks (--array=0-(count-1))
+    python -m looplm.sweep check SWEEP.py             the .slurm file's --array line matches the count
     python -m looplm.sweep run SWEEP.py --task 7      run task 7 here; exits with the trainer's code
     python -m looplm.sweep run SWEEP.py --task 7 --print   only print its `python -m looplm.run` line
+    python -m looplm.sweep run SWEEP.py --task 7 --resume  continue its run with a new TRAIN_STEPS
     python -m looplm.sweep collect SWEEP.py           table and plots of its runs (looplm.analyze)
 
 A sweep declaration (looplm/lab/declaration.py) is gin files plus a grid of gin bindings times
 seeds. Task ids run over the grid points in declaration order (the last axis fastest), seeds
 innermost: task i is point i // len(seeds) with seed seeds[i % len(seeds)]. `SLURM_ARRAY_TASK_ID`
-and `--task` use the same numbering, so task 7 of an array can be rerun on a laptop.
+and `--task` use the same numbering, so task 7 of an array can be rerun on a laptop. A task of a
+Slurm array that does not fit the sweep (tasks beyond its count, or the .slurm file's own
+--array line behind a changed grid) stops with exit code 2 before it trains.
 
 Environment overrides, read by every command so that list, count, run and collect agree:
     LOOPLM_SWEEP_GRID   a smaller grid: `prior=uniform,geometric_0.5;beta=0.1` keeps these labels
@@ -28,7 +32,7 @@ import shlex
 import sys
 
 from looplm.lab.declaration import Sweep, load
-from looplm.lab.launch import chain_collect, run_argv, run_task
+from looplm.lab.launch import array_problem, chain_collect, declared_array, run_argv, run_task
 from looplm.lab.paths import Paths, paths
 
 
@@ -50,12 +54,28 @@ def _print_list(sweep: Sweep, where: Paths) -> None:
     console.print(table)
 
 
+def _check(sweep: Sweep) -> int:
+    n = len(sweep.tasks())
+    declared = declared_array(sweep)
+    if declared is None:
+        print(f"sweep error: no '#SBATCH --array=' line in {sweep.file.with_suffix('.slurm')}", file=sys.stderr)
+        return 2
+    script, array = declared
+    if array.split("%")[0] != f"0-{n - 1}":
+        print(f"sweep error: {script}: '#SBATCH --array={array}' does not match the {n} tasks of sweep "
+              f"{sweep.name!r}: write --array=0-{n - 1}", file=sys.stderr)
+        return 2
+    print(f"sweep {sweep.name}: {n} tasks, {script.name} --array={array}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m looplm.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in [("list", "print task id -> grid point, gin files and bindings"),
                        ("count", "print the number of tasks"),
+                       ("check", "check that the .slurm file's --array line covers the tasks"),
                        ("run", "run one task here (exit code: the trainer's)"),
                        ("collect", "table and plots of the sweep's runs (python -m looplm.analyze)"),
                        ("chain-collect", "submit the collect job after an array (used by sweeps/task.sh)")]:
@@ -65,6 +85,11 @@ def main(argv=None) -> int:
             command.add_argument("--task", type=int, default=os.environ.get("SLURM_ARRAY_TASK_ID"),
                                  help="task id (default: $SLURM_ARRAY_TASK_ID)")
             command.add_argument("--print", action="store_true", help="print the command, do not run it")
+            existing = command.add_mutually_exclusive_group()
+            existing.add_argument("--resume", dest="run_flags", action="store_const", const=("--resume",),
+                                  default=(), help="continue the task's run with a new TRAIN_STEPS (looplm.run)")
+            existing.add_argument("--overwrite", dest="run_flags", action="store_const", const=("--overwrite",),
+                                  help="start the task's run over (looplm.run)")
         if name == "chain-collect":
             command.add_argument("--after", required=True, help="the array's job id")
             command.add_argument("--log", help="the collect job's log (default <sweep dir>/logs/)")
@@ -79,19 +104,25 @@ def main(argv=None) -> int:
         _print_list(sweep, where)
     elif args.command == "count":
         print(len(sweep.tasks()))
+    elif args.command == "check":
+        return _check(sweep)
     elif args.command == "run":
         tasks = sweep.tasks()
         if args.task is None or not 0 <= int(args.task) < len(tasks):
             print(f"sweep error: --task {args.task}: sweep {sweep.name!r} has tasks 0-{len(tasks) - 1} "
                   f"(python -m looplm.sweep list {args.sweep})", file=sys.stderr)
             return 2
+        problem = array_problem(sweep, os.environ)
+        if problem:
+            print(f"sweep error: {problem}", file=sys.stderr)
+            return 2
         task = tasks[int(args.task)]
         if args.print:
-            print(shlex.join(["python", "-m", "looplm.run", *run_argv(sweep, task, where)]))
+            print(shlex.join(["python", "-m", "looplm.run", *run_argv(sweep, task, where), *args.run_flags]))
             return 0
         print(f"sweep {sweep.name}: task {task.id}/{len(tasks)} {task.name} -> {where.run_dir(task)}",
               flush=True)
-        return run_task(sweep, task, where)
+        return run_task(sweep, task, where, args.run_flags)
     elif args.command == "collect":
         from looplm.lab.collect import main as collect
 
