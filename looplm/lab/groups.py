@@ -96,8 +96,8 @@ def check_one_config(group: Group) -> None:
     """Raise MixedRuns, naming the runs and the keys, unless the group's runs share one config
     (looplm.lab.aim_runs.run_config) and each has its own seed."""
     by_seed: dict[int, RunResult] = {}
+    first = group.runs[0] if group.runs else None
     for run in group.runs:
-        first = group.runs[0]
         keys = sorted((k for k in set(first.config) | set(run.config) if first.config.get(k) != run.config.get(k)),
                       key=_salience)
         if keys:
