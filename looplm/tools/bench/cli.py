@@ -21,7 +21,7 @@ their share: every parallel op waits for a descheduled thread). Workers therefor
 each step's CPU time; steps whose occupancy, CPU / (threads x wall), is >= CLEAN_OCCUPANCY count
 as clean, and the report gives clean medians and ratios next to the plain ones.
 
-FLOPs follow looplm.flops (stated there); MFU counts model FLOPs only (a read-out's backward
+FLOPs follow flops.py (stated there); MFU counts model FLOPs only (a read-out's backward
 recompute is overhead, not useful work).
 
 Examples:

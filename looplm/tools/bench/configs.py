@@ -26,6 +26,7 @@ class ConfigSpec:
     loops: int | None = None  # override the model's n_loops (T)
     llama_layers: str = ""  # "NxT" or "N"
     flops: object = None  # optional (cfg, batch, seq) -> Flops, for recipes the counter can't see
+    checkpointing: str = "none"  # LoopLM activation checkpointing (looplm.model.CHECKPOINTING)
 
 
 def _recipe(**parts):
@@ -62,6 +63,12 @@ CONFIGS = {
                                          mu=1.7, sigma=0.4, low=1, high=16), window=_last_loops)),
     "truncated_t8": ConfigSpec("looplm", "LastLoops(k=1) at T=8", _recipe(window=_last_loops), loops=8),
     "truncated_t1": ConfigSpec("looplm", "LastLoops(k=1) at T=1", _recipe(window=_last_loops), loops=1),
+    # activation checkpointing (train.activation_checkpointing): memory against T, and its time
+    "full_t16": ConfigSpec("looplm", "Recipe() at T=16", _recipe(), loops=16),
+    "ckpt_loop": ConfigSpec("looplm", "Recipe(), each loop recomputed in backward", _recipe(),
+                            checkpointing="loop"),
+    "ckpt_loop_t16": ConfigSpec("looplm", "Recipe() at T=16, each loop recomputed in backward", _recipe(),
+                                loops=16, checkpointing="loop"),
     "llama_nxt": ConfigSpec("llama", "LlamaForCausalLM, N x T layers", llama_layers="NxT"),
     "llama_n": ConfigSpec("llama", "LlamaForCausalLM, N layers", llama_layers="N"),
 }

@@ -92,6 +92,7 @@ def build_step(spec: dict):
     from looplm.data.batch import Batch
     from looplm.model import LoopLM
     model = LoopLM(cfg).to(device).train()
+    model.checkpointing = conf.checkpointing
     if spec.get("compile"):
         model.compile()
     recipe = conf.recipe(cfg)
@@ -151,7 +152,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def run_matmul_worker(spec: dict) -> dict:
-    """Time the dense matmul shapes of one full-unroll step (looplm.flops.linear_shapes) back to
+    """Time the dense matmul shapes of one full-unroll step (flops.linear_shapes) back to
     back, and one large square matmul; rates in FLOP/s."""
     device = spec["device"]
     dt = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
