@@ -89,8 +89,8 @@ def markdown(summary: dict, configs: list[str], meta: dict) -> str:
               f"matmul ran at {summary['square_rate'] / 1e9:.1f} GFLOP/s.",
               "- MFU = model FLOPs per second / matmul rate. Model FLOPs (looplm/tools/bench/flops.py): "
               "2 x matmul weights per token per layer forward plus 4·S·d attention (all S keys counted, "
-              "non-causal), x3 for a loop with a graph; 2·d·V per token per read-out forward, x3 in training. Read-out work beyond that "
-              "(the recompute read-out's recomputed logits, 2·d·V per token per read-out; gradients the fused "
+              "non-causal), x3 for a loop with a graph; 2·d·V per token per read-out forward, x3 in training. "
+              "Read-out work beyond that (the recompute read-out's recomputed logits, 2·d·V per token per read-out; gradients the fused "
               "read-out forms but nothing needs) is hardware work only: counted in HFU, not MFU. "
               "'MFU % (clean)': model FLOPs per second over the clean steps against the best round's matmul rate "
               f"({summary['matmul_rate_best'] / 1e9:.1f} GFLOP/s). The CPU-time basis (per configuration below) "
