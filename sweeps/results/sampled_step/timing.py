@@ -24,7 +24,6 @@ from variants.sampled_step import SampledStep
 
 CONFIGS = {
     "full unroll": lambda: Recipe(estimator=ExitWeighted(), prior=UniformPrior(0.1)),
-    "sampled step, plain": lambda: Recipe(estimator=SampledStep(), prior=UniformPrior(0.1)),
     "sampled step, CE_1 baseline": lambda: Recipe(estimator=SampledStep(baseline="first_loop"),
                                                   prior=UniformPrior(0.1)),
     "sampled step, loops 1..t + CE_1 baseline": lambda: Recipe(
