@@ -28,6 +28,19 @@ EXIT_PRIORS = Registry("exit prior")
 REGULARIZERS = Registry("regularizer")
 
 
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over the data-parallel ranks (the values themselves in one
+    process). A plugin whose state learns from the data (an EMA, a curriculum) sums its step's
+    statistics with it in `end_step`, so every rank learns the same and draws the same."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def step_generator(seed: int, step: int, salt: str) -> torch.Generator:
     """A generator determined by (seed, step, salt) alone: every data-parallel rank draws the same
     value, and a resumed run draws what the uninterrupted run drew, with no RNG state to save."""
@@ -165,8 +178,15 @@ class LossEstimator(Plugin):
         """The scalar loss and a dict of metrics (floats or per-loop lists)."""
         raise NotImplementedError
 
+    def local_rows(self, extra: dict, rows: slice) -> dict:
+        """`extra` of a plan drawn for the global batch, cut to this rank's `rows` (data
+        parallelism): an estimator with per-row draws returns their slice."""
+        return extra
+
 
 class Regularizer(Plugin):
+    double_backward = False  # differentiates a gradient (a VJP inside the loss): FSDP2 cannot run it
+
     def apply(self, loss: torch.Tensor, model, traj, batch, step: int, seed: int) -> tuple[torch.Tensor, dict]:
         """Return the loss with this term added (or mixed in) and metrics about the term; random
         probes come from `step_generator(seed, step, name)`."""

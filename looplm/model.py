@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from looplm.config import ModelConfig
 from looplm.layers import INJECTIONS, Layer, RotaryEmbedding, make_norm
 from looplm.objectives import at_least_float32
 from looplm.readout import linear_cross_entropy, weighted_cross_entropy
+
+CHECKPOINTING = ("none", "loop", "layer")  # activation checkpointing of LoopLM.forward
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Trajectory:
     states: list  # h_t: input of the LM head
     gate_inputs: list  # input of the exit gate (h_t for Ouro; z_t when gate_on_normed=False)
     final_state: torch.Tensor | None = None  # detached x_T: where a Jacobian regulariser probes
+    last_state: torch.Tensor | None = None  # x_T with its graph (data parallelism ties loss to it)
     context: "LoopContext | None" = None
 
 
@@ -93,6 +97,7 @@ class LoopLM(nn.Module):
         self.inject = INJECTIONS.get(cfg.input_injection)(cfg) if cfg.input_injection else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_base)
+        self.checkpointing = "none"  # CHECKPOINTING: recompute a loop or a layer in backward
         self.apply(self._init_weights)
         if cfg.tie_head:
             self.lm_head.weight = self.embed.weight
@@ -112,9 +117,20 @@ class LoopLM(nn.Module):
         return LoopContext(rope=self.rotary(positions, dtype), mask=mask, cache=cache)
 
     def _run(self, layers, x, ctx: LoopContext, slot_prefix):
+        recompute = self.checkpointing == "layer" and torch.is_grad_enabled() and ctx.cache is None
         for i, layer in enumerate(layers):
-            x = layer(x, ctx.rope, ctx.mask, cache=ctx.cache, slot=(*slot_prefix, i))
+            if recompute:
+                x = checkpoint(layer, x, ctx.rope, ctx.mask, use_reentrant=False)
+            else:
+                x = layer(x, ctx.rope, ctx.mask, cache=ctx.cache, slot=(*slot_prefix, i))
         return x
+
+    def _loop(self, x, ctx: LoopContext, loop: int):
+        """One loop, stored for backward or (checkpointing="loop") recomputed there: memory then
+        grows by one state per loop instead of every layer's activations."""
+        if self.checkpointing == "loop" and torch.is_grad_enabled() and ctx.cache is None:
+            return checkpoint(self.recurrence, x, ctx, loop, use_reentrant=False)
+        return self.recurrence(x, ctx, loop)
 
     def recurrence(self, x, ctx: LoopContext, loop: int = 0):
         """One application of the shared stack plus the final norm: the map x_{t-1} -> x_t whose
@@ -150,10 +166,10 @@ class LoopLM(nn.Module):
         traj = Trajectory(n_loops=T, states=[None] * T, gate_inputs=[None] * T, context=ctx)
         for t in range(1, T + 1):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
-                x, z = self.recurrence(x, ctx, loop=t - 1)
+                x, z = self._loop(x, ctx, t - 1)
                 if t in keep:
                     traj.states[t - 1], traj.gate_inputs[t - 1] = self._readout_states(x, z, ctx, t)
-        traj.final_state = x.detach()
+        traj.final_state, traj.last_state = x.detach(), x
         return traj
 
     def _readout_states(self, x, z, ctx, t):

@@ -194,6 +194,10 @@ class Recipe:
             loss, reg_metrics = reg.apply(loss, model, traj, batch, step, self.seed)
             metrics |= reg_metrics
         metrics["n_loops"] = plan.n_loops
+        if rows is not None and traj.last_state.requires_grad:
+            # every rank backpropagates through every loop that ran, even where its own rows read
+            # out earlier loops only (per-row loops): FSDP's per-layer reductions then line up
+            loss = loss + 0.0 * traj.last_state.sum()
         return loss, metrics
 
     def trainable_parameters(self, model):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import gin
+import torch.distributed as dist
 
 from looplm import compose
 from looplm.nonfinite import NonFiniteError
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
             raise
         print(f"config error: {_message(err)}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # a torchrun/srun rank leaves its process group cleanly
     if summary["preempted"] == signal.SIGINT.name:
         print(f"interrupted: checkpoint saved at step {summary['step']} in {summary['run_dir']}; "
               "run the same command again to resume", file=sys.stderr)

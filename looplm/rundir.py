@@ -12,13 +12,17 @@ one folder nor overwrites a result with settings it did not train with.
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
-from looplm import checkpoint
+from looplm import checkpoint, compose
 
 EXISTING = ("resume", "extend", "overwrite")
 STEP_KEYS = frozenset({"train.steps", "gin: TRAIN_STEPS", "gin: train.steps"})
 RESULT_FILES = ("config.gin", "summary.json")
+# may change between starts of one run: how it is shown, and how it is computed (N ranks compute
+# what one process computes, so a checkpoint of one parallel mode resumes in another)
+COSMETIC = frozenset({"run_dir", "progress", "log_every", "parallel", "activation_checkpointing"})
 
 
 class RunDirError(ValueError):
@@ -33,6 +37,23 @@ class AlreadyComplete(Exception):
         self.state = state
 
 
+def simple(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str)) or (
+        isinstance(value, (tuple, list)) and all(simple(v) for v in value))
+
+
+def run_config(settings: dict, cfg, recipe, task) -> dict:
+    """The flat settings a run is defined by, compared when a run folder is reused."""
+    flat = {f"train.{k}": repr(v) for k, v in settings.items() if k not in COSMETIC}
+    flat |= {f"model.{k}": repr(v) for k, v in asdict(cfg).items()}
+    flat |= {f"recipe.{k}": v for k, v in recipe.describe().items()}
+    flat["task"] = type(task).__name__ + repr({k: v for k, v in sorted(vars(task).items())
+                                               if simple(v) and not k.startswith("_")})
+    flat |= {f"gin: {k}": v for k, v in compose.bindings_in_force().items()
+             if k.removeprefix("train.") not in COSMETIC}
+    return flat
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for every setting that differs (a missing one shows as <unset>)."""
     keys = sorted(set(old) | set(new))
@@ -40,17 +61,25 @@ def differences(old: dict, new: dict) -> list[str]:
             for k in keys if old.get(k) != new.get(k)]
 
 
-def open_run(run_dir: Path, config: dict, steps: int, existing: str, say) -> dict | None:
-    """The checkpoint state to resume from, or None to start fresh; raises RunDirError or
-    AlreadyComplete. `config` is the flat settings dict of this start; `say` prints a warning."""
+def prepare(run_dir: Path, existing: str) -> None:
+    """What one process (rank 0) does to the folder before any reads it: create it, remove a
+    killed writer's temporaries, and for "overwrite" the old run."""
     if existing not in EXISTING:
         raise RunDirError(f"existing={existing!r}; choose one of {EXISTING}")
-    path = run_dir / checkpoint.CHECKPOINT_NAME
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_stale_temporaries(run_dir)
     if existing == "overwrite":
         for name in (checkpoint.CHECKPOINT_NAME, *RESULT_FILES):
             (run_dir / name).unlink(missing_ok=True)
+
+
+def open_run(run_dir: Path, config: dict, steps: int, existing: str, say) -> dict | None:
+    """The checkpoint state to resume from, or None to start fresh; raises RunDirError or
+    AlreadyComplete. Reads only (every rank calls it, after `prepare`). `config` is the flat
+    settings dict of this start; `say` prints a warning."""
+    if existing == "overwrite":
         return None
-    checkpoint.remove_stale_temporaries(run_dir)
+    path = run_dir / checkpoint.CHECKPOINT_NAME
     state = checkpoint.load(path)
     if state is None:
         if _finished_result(run_dir):

@@ -21,18 +21,20 @@ import torch
 from looplm import checkpoint, compose
 from looplm import nonfinite as nonfinite_guard
 from looplm.config import ModelConfig, sized_for_task
+from looplm.dist import world as dist_world
+from looplm.dist.parallel import full_state, global_grad_norm, load_full_state, unsharded, wrap
+from looplm.dist.world import World
 from looplm.evaluate import evaluate
-from looplm.model import LoopLM
+from looplm.model import CHECKPOINTING, LoopLM
 from looplm.optim import build_optimizer, lr_multiplier
 from looplm.progress import TrainProgress
 from looplm.recipe import Recipe
-from looplm.rundir import AlreadyComplete, open_run, write_summary
+from looplm.rundir import AlreadyComplete, open_run, prepare, run_config, simple, write_summary
 from looplm.tracking import Tracker
 
 PREEMPTED_EXIT_CODE = 3
 NONFINITE_EXIT_CODE = 4
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C
-COSMETIC = frozenset({"run_dir", "progress", "log_every"})  # may change between starts of one run
 
 
 class RunControl:
@@ -64,49 +66,39 @@ def _autocast(device: str, precision: str):
     raise ValueError(f"precision={precision!r}; choose 'fp32' or 'bf16'")
 
 
-def _simple(value) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str)) or (
-        isinstance(value, (tuple, list)) and all(_simple(v) for v in value))
-
-
-def run_config(settings: dict, cfg: ModelConfig, recipe: Recipe, task) -> dict:
-    """The flat settings a run is defined by, compared when a run folder is reused."""
-    flat = {f"train.{k}": repr(v) for k, v in settings.items() if k not in COSMETIC}
-    flat |= {f"model.{k}": repr(v) for k, v in asdict(cfg).items()}
-    flat |= {f"recipe.{k}": v for k, v in recipe.describe().items()}
-    flat["task"] = type(task).__name__ + repr({k: v for k, v in sorted(vars(task).items()) if _simple(v)})
-    flat |= {f"gin: {k}": v for k, v in compose.bindings_in_force().items()
-             if k.removeprefix("train.") not in COSMETIC}
-    return flat
-
-
-def _weighted_mean(metric_dicts: list[dict], weights: list[float]) -> dict:
-    total = sum(weights) or 1.0
-    out = {}
-    for key, first in metric_dicts[0].items():
-        values = [m[key] for m in metric_dicts]
-        if isinstance(first, list):
-            out[key] = [sum(w * v for w, v in zip(weights, col)) / total for col in zip(*values)]
-        else:
-            out[key] = sum(w * v for w, v in zip(weights, values)) / total
+def _weighted_mean(metric_dicts: list[dict], weights: list[float], world: World) -> dict:
+    """Token-weighted mean of the micro-batches' metrics over all ranks (each rank holds the same
+    keys and per-loop list lengths, so the sums travel as one flat vector)."""
+    layout = [(key, len(v) if isinstance(v, list) else None) for key, v in metric_dicts[0].items()]
+    flat = [0.0] * (1 + sum(n or 1 for _, n in layout))
+    for m, w in zip(metric_dicts, weights):
+        values = [x for key, n in layout for x in (m[key] if n is not None else [m[key]])]
+        flat = [a + w * float(v) for a, v in zip(flat, [1.0, *values])]
+    flat = world.sum(flat)
+    total, values, out = flat[0] or 1.0, iter(flat[1:]), {}
+    for key, n in layout:
+        picked = [next(values) / total for _ in range(n or 1)]
+        out[key] = picked if n is not None else picked[0]
     return out
 
 
-def train_step(model, recipe, batches, step, autocast, trainable, grad_clip):
-    """Forward and backward over the micro-batches of one optimizer step, each weighted by its
-    share of the supervised tokens, so the gradient is the full batch's. Returns (loss, metrics,
-    grad norm); the optimizer has not stepped yet."""
+def train_step(step_module, recipe, batches, step, autocast, trainable, grad_clip, world=World()):
+    """Forward and backward over this rank's micro-batches of one optimizer step, each weighted by
+    its share of the supervised tokens of all ranks, so the gradient is the full global batch's
+    (DDP and FSDP average over ranks, hence the factor world.size). Returns the global (loss,
+    metrics, grad norm); the optimizer has not stepped yet."""
     tokens = [max(b.n_targets, 1) for b in batches]
+    total = world.sum([sum(tokens)])[0]
     micro_metrics = []
     for batch, n in zip(batches, tokens):
         with autocast:
-            loss, metrics = recipe.loss(model, batch, step)
-        (loss * (n / sum(tokens))).backward()
+            loss, metrics = step_module(batch, step)
+        (loss * (n * world.size / total)).backward()
         micro_metrics.append({"loss": loss.item(), **metrics})
     for part in recipe.parts().values():
         part.end_step()  # state learned from the step changes once, from all its micro-batches
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip).item()
-    metrics = _weighted_mean(micro_metrics, tokens)
+    grad_norm = global_grad_norm(torch.nn.utils.clip_grad_norm_(trainable, grad_clip))
+    metrics = _weighted_mean(micro_metrics, tokens, world)
     return metrics["loss"], metrics, grad_norm
 
 
@@ -117,7 +109,8 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
           eval_every: int = 250, eval_max_loops: int | None = None, eval_batch_size: int = 256,
           eval_max_batches: int | None = None, checkpoint_every: int = 250,
           init_from: str | None = None, log_every: int = 50, compile: bool = False,
-          nonfinite: str = "stop", max_skipped_steps: int = 10,
+          nonfinite: str = "stop", max_skipped_steps: int = 10, parallel: str = "none",
+          activation_checkpointing: str = "none",
           tracker: Tracker | None = None, progress: bool = True, hparams: dict | None = None,
           control: RunControl | None = None, existing: str = "resume", dry_run: bool = False) -> dict:
     """Train and return a summary: final train metrics, the last evaluation and the loss history.
@@ -125,10 +118,13 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     init_from: a checkpoint file or run directory whose model weights start this run (e.g. Stage
     II gate training on a Stage I model). eval_max_loops: deepest loop count evaluated (2T).
     existing: what to do with a run already in run_dir (looplm.rundir). nonfinite: "stop" or
-    "skip" (looplm.nonfinite). dry_run: build and validate everything, return it, train nothing.
+    "skip" (looplm.nonfinite). parallel: "none", "ddp" or "fsdp" under torchrun/srun
+    (looplm.dist); batch_size is the global batch. activation_checkpointing: "none", "loop" or
+    "layer" (recompute in backward instead of storing). dry_run: build and validate everything,
+    return it, train nothing.
     """
     settings = {k: v for k, v in locals().items()
-                if _simple(v) and k not in ("existing", "dry_run", "control", "tracker", "hparams")}
+                if simple(v) and k not in ("existing", "dry_run", "control", "tracker", "hparams")}
     for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every",
                  "eval_batch_size", "max_skipped_steps"):
         if settings[name] < 1:
@@ -137,6 +133,9 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         raise ValueError(f"train.grad_clip={grad_clip} must be > 0")
     if nonfinite not in nonfinite_guard.MODES:
         raise ValueError(f"train.nonfinite={nonfinite!r}; choose one of {nonfinite_guard.MODES}")
+    if activation_checkpointing not in CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing={activation_checkpointing!r}; choose one "
+                         f"of {CHECKPOINTING}")
     control = control or RunControl()
     control.install()  # before anything slow: a pre-emption during start-up is not lost
     started_at = time.perf_counter()
@@ -152,7 +151,12 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     recipe.seed = seed
     if dry_run:
         return {"model": cfg, "recipe": recipe, "task": task, "settings": settings}
+    world, device = dist_world.init(parallel, device)
+    if batch_size % world.size:
+        raise ValueError(f"train.batch_size={batch_size} (the global batch) must be divisible by "
+                         f"the {world.size} ranks")
     model = LoopLM(cfg).to(device)
+    model.checkpointing = activation_checkpointing
     if isinstance(init_from, str) and init_from:
         source = checkpoint.resolve(init_from)
         state = checkpoint.load(source, require=("model",))
@@ -164,22 +168,27 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     if init_from:
         checkpoint.check_model_state(model, state, source)
         model.load_state_dict(state["model"])
-    trainable = recipe.trainable_parameters(model)
-    trainable_ids = {id(p) for p in trainable}
+    trainable_ids = {id(p) for p in recipe.trainable_parameters(model)}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
-    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(model.named_parameters())  # frozen ones only name-check no_decay
-    lr_multiplier(0, steps)  # a bad warm-up is a config error: raise it before training starts
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
     if compile:
         for layer in model.layers:
             layer.compile()
+    rows = world.rows(batch_size)
+    step_module = wrap(model, recipe, parallel, device, rows if world.size > 1 else None,
+                       batch_size)  # FSDP swaps in sharded parameters
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named_trainable]
+    optimizer = build_optimizer(model.named_parameters())  # frozen ones only name-check no_decay
+    lr_multiplier(0, steps)  # a bad warm-up is a config error: raise it before training starts
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config = run_config(settings, cfg, recipe, task)
-    bar = TrainProgress(steps, 0, log_every, enabled=progress)
+    bar = TrainProgress(steps, 0, log_every, enabled=progress and world.main)
+    if world.main:
+        prepare(run_dir, existing)
+    world.barrier()
     try:
         state = open_run(run_dir, config, steps, existing, say=bar.note)
     except AlreadyComplete as done:
@@ -190,19 +199,20 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
                 "wall_time": done.state["wall_time"], "preempted": None, "status": "complete"}
     start_step, history, last_eval, wall_before, skipped = 0, [], {}, 0.0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(step_module, optimizer, state["model"], state["optimizer"])
         recipe.load_state_dict(state["recipe"])
         checkpoint.set_rng_state(state["rng"])
         start_step, history, last_eval = state["step"], state["history"], state["last_eval"]
         wall_before, skipped = state["wall_time"], state.get("skipped_steps", 0)
-    tracker = tracker or Tracker(enabled=False)
+    tracker = (tracker or Tracker(enabled=False)) if world.main else Tracker(enabled=False)
     run_hash = tracker.open({"gin": compose.bindings_in_force(), "recipe": recipe.describe(),
                              "model": asdict(cfg), "seed": seed, "steps": steps,
                              "batch_size": batch_size, "n_params": model.num_params(),
-                             "run_dir": str(run_dir.resolve()), **(hparams or {})},
+                             "run_dir": str(run_dir.resolve()), "world_size": world.size,
+                             **(hparams or {})},
                             run_hash=state.get("run_hash") if state else None)
-    (run_dir / "config.gin").write_text(compose.operative_config_text())
+    if world.main:
+        (run_dir / "config.gin").write_text(compose.operative_config_text())
 
     def wall_time():
         """Seconds this run has trained, summed over its starts (requeues)."""
@@ -213,32 +223,36 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     def save(step):
         nonlocal last_saved
         bad = nonfinite_guard.nonfinite_parameters(named_trainable)
-        if bad:  # never write non-finite weights over the last good checkpoint
-            raise nonfinite_guard.NonFiniteError(f"step {step}: parameters became non-finite after the "
-                                           f"update ({', '.join(bad[:5])}); checkpoint not written")
-        checkpoint.save(run_dir / checkpoint.CHECKPOINT_NAME, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "recipe": recipe.state_dict(), "rng": checkpoint.rng_state(), "step": step,
-            "history": history, "last_eval": last_eval, "run_hash": run_hash, "config": config,
-            "model_config": asdict(cfg), "wall_time": wall_time(), "skipped_steps": skipped})
+        if world.any(bool(bad)):  # never write non-finite weights over the last good checkpoint
+            raise nonfinite_guard.NonFiniteError(f"step {step}: parameters became non-finite after "
+                                                 f"the update ({', '.join(bad[:5])}); checkpoint not written")
+        model_state, optim_state = full_state(step_module, optimizer)  # collective under FSDP
+        if world.main:
+            checkpoint.save(run_dir / checkpoint.CHECKPOINT_NAME, {
+                "model": model_state, "optimizer": optim_state,
+                "recipe": recipe.state_dict(), "rng": checkpoint.rng_state(), "step": step,
+                "history": history, "last_eval": last_eval, "run_hash": run_hash, "config": config,
+                "model_config": asdict(cfg), "wall_time": wall_time(), "skipped_steps": skipped,
+                "world_size": world.size})
+        world.barrier()
         last_saved = step
 
     control.started = True
     eval_loops = eval_max_loops or 2 * cfg.n_loops
     model.train()
-    step, metrics, status, in_a_row = start_step, {}, "running", 0
+    step, metrics, status, in_a_row, stopping = start_step, {}, "running", 0, False
     bar.start_at(start_step)
     try:
         with bar:
             if start_step:
                 bar.note(f"resumed from {run_dir / checkpoint.CHECKPOINT_NAME} at step {start_step}")
-            while step < steps and control.raised is None:
+            while step < steps and not stopping:
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                batches = [task.train_batch(step * grad_accum + micro, batch_size).to(device)
+                batches = [task.train_batch(step * grad_accum + micro, batch_size)[rows].to(device)
                            for micro in range(grad_accum)]
-                loss, metrics, grad_norm = train_step(model, recipe, batches, step, autocast,
-                                                      trainable, grad_clip)
+                loss, metrics, grad_norm = train_step(step_module, recipe, batches, step, autocast,
+                                                      trainable, grad_clip, world)
                 if step == start_step:
                     _warn_untrained(named_trainable, bar)
                 problem = nonfinite_guard.diagnose(loss, grad_norm, metrics, named_trainable)
@@ -257,20 +271,22 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
                         group["lr"] = group_lr
                     optimizer.step()
                     metrics.update(grad_norm=grad_norm, lr=lr[0], wall_time=wall_time(),
-                                   tokens_per_s=sum(b.input_ids.numel() for b in batches)
+                                   tokens_per_s=world.size * sum(b.input_ids.numel() for b in batches)
                                    / (time.perf_counter() - t0))
                     tracker.log(metrics, step, {"subset": "train"})
                     bar.update(step, metrics)
                 history.append(loss)
                 step += 1
+                stopping = world.any(control.raised is not None)  # every rank stops at one step
                 if step % eval_every == 0 or step == steps:
-                    last_eval = _evaluate(model, task, eval_loops, eval_batch_size, eval_max_batches,
-                                          step, cfg.n_loops, tracker, bar)
-                if step % checkpoint_every == 0 or step == steps or control.raised:
+                    with unsharded(step_module):
+                        last_eval = _evaluate(model, task, eval_loops, eval_batch_size,
+                                              eval_max_batches, step, cfg.n_loops, tracker, bar)
+                if step % checkpoint_every == 0 or step == steps or stopping:
                     save(step)
-            if control.raised and step == start_step:
+            if stopping and step == start_step:
                 save(step)  # stopped before its first step: the next start reopens this Aim run
-        status = "preempted" if control.raised else "complete"
+        status = "preempted" if stopping else "complete"
     except nonfinite_guard.NonFiniteError as err:
         status = "nonfinite"
         err.args = (f"{err.args[0]}\nstopped; the last good checkpoint "
@@ -281,8 +297,10 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         tracker.close()
         summary = {"step": step, "train": metrics if step > start_step else {}, "history": history,
                    "eval": last_eval, "run_dir": str(run_dir), "wall_time": wall_time(),
-                   "preempted": control.raised, "status": status, "skipped_steps": skipped}
-        write_summary(run_dir, {k: v for k, v in summary.items() if k != "history"})
+                   "preempted": control.raised or ("another rank" if stopping else None),
+                   "status": status, "skipped_steps": skipped}
+        if world.main:
+            write_summary(run_dir, {k: v for k, v in summary.items() if k != "history"})
     if status == "complete":
         bar.summary(last_eval, cfg.n_loops)
     return summary

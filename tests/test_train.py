@@ -49,10 +49,17 @@ def test_short_run_lowers_the_loss(tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     full = run(tmp_path / "full", steps=12)
-    # interrupted at step 5 (a checkpoint there), then resumed to 12
-    part = run(tmp_path / "resumed", steps=5, checkpoint_every=5)
-    assert part["step"] == 5
-    resumed = run(tmp_path / "resumed", steps=12, checkpoint_every=5, existing="extend")
+    control = RunControl()
+
+    class StopAfterStep4(AdditionTask):  # a pre-emption noticed after step 4: checkpoint at 5
+        def train_batch(self, step, batch_size):
+            if step == 4:
+                control.raised = "SIGUSR1"
+            return super().train_batch(step, batch_size)
+
+    part = run(tmp_path / "resumed", steps=12, task=StopAfterStep4(n_eval=64), control=control)
+    assert part["step"] == 5 and part["status"] == "preempted"
+    resumed = run(tmp_path / "resumed", steps=12, task=StopAfterStep4(n_eval=64))
     assert resumed["history"] == full["history"]  # bit-exact, float for float
 
 
@@ -175,6 +182,7 @@ def test_accumulated_micro_batches_of_unequal_token_counts_equal_the_full_batch(
     """Each micro-batch's token-mean loss is weighted by its share of the supervised tokens, so
     four uneven micro-batches give the full batch's loss and gradient (float64)."""
     from looplm.data.batch import IGNORE_INDEX, Batch
+    from looplm.dist.parallel import StepModule
     from looplm.model import LoopLM
     from looplm.train import train_step
 
@@ -192,7 +200,9 @@ def test_accumulated_micro_batches_of_unequal_token_counts_equal_the_full_batch(
 
     def grads(batches):
         model.zero_grad()
-        loss, _, _ = train_step(model, Recipe(), batches, 0, contextlib.nullcontext(), params, 1e9)
+        recipe = Recipe()
+        loss, _, _ = train_step(StepModule(model, recipe), recipe, batches, 0, contextlib.nullcontext(),
+                                params, 1e9)
         return loss, [p.grad.clone() for p in params]
 
     loss_full, g_full = grads([full])
@@ -200,3 +210,27 @@ def test_accumulated_micro_batches_of_unequal_token_counts_equal_the_full_batch(
     assert abs(loss_full - loss_micro) < 1e-12
     for a, b in zip(g_full, g_micro):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["loop", "layer"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode):
+    """Recomputing a loop (or a layer) in backward changes memory, not the numbers (float64)."""
+    from looplm.model import LoopLM
+
+    torch.manual_seed(0)
+    model = LoopLM(model_config(**TINY, vocab_size=15)).double()
+    batch = AdditionTask().train_batch(0, 8)
+    recipe = Recipe()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, _ = recipe.loss(model, batch, 0)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    plain = loss_and_grads()
+    model.checkpointing = mode
+    again = loss_and_grads()
+    assert plain[0] == pytest.approx(again[0], abs=1e-12)
+    for a, b in zip(plain[1], again[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -78,6 +78,7 @@ class JacobianRegularizer(Regularizer):
     """Shared arguments, warm-up, mixing and probe seeding; subclasses implement `estimate`."""
 
     default_mix = False
+    double_backward = True
 
     def __init__(self, weight: float = 0.1, warmup_steps: int = 0, mix: bool | None = None):
         name = type(self).__name__

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from looplm.hooks import ESTIMATORS, LossEstimator, step_generator
+from looplm.hooks import ESTIMATORS, LossEstimator, step_generator, sum_over_ranks
 from looplm.objectives import at_least_float32, log_exit_probs
 from variants.step_gate import stage2_gate_term
 from variants.step_proposals import (PROPOSALS, CLTSProposal, FixedScheduleProposal,  # noqa: F401 (re-exported)
@@ -122,6 +122,7 @@ class SampledStep(LossEstimator):
         self.per_sequence, self.stratified, self.max_ratio = per_sequence, stratified, max_ratio
         self.readout, self.exit_weights, self.baseline, self.gate_target = readout, exit_weights, baseline, gate_target
         self._pending: dict[int, list] = {}  # loop -> [sum of token CE, tokens], this optimizer step
+        self._step_loops = 0
 
     def validate(self, recipe):
         for part in (self.proposal, self.weighting):
@@ -156,6 +157,7 @@ class SampledStep(LossEstimator):
                 yield float(q[t - 1]), self._outcome(t, extra | {"t": t})
 
     def plan(self, n_loops, step, seed, batch_size):
+        self._step_loops = n_loops  # every rank plans the same T: the length of the tallies to sum
         q = self._q(n_loops, step)
         extra = {"q": q, "seed": seed, "step": step}
         if self.per_sequence:  # every row its own loop; run up to the deepest one drawn
@@ -263,9 +265,13 @@ class SampledStep(LossEstimator):
     def end_step(self):
         """Once per optimizer step: the proposal and the weighting observe the step's mean CE of
         every loop read out, over all its micro-batches."""
-        for t, (total, n) in sorted(self._pending.items()):
-            self.weighting.observe(t, total / n)
-            self.proposal.observe(t, total / n)
+        flat = sum_over_ranks([x for t in range(1, self._step_loops + 1)
+                               for x in self._pending.get(t, (0.0, 0.0))])  # all ranks' tallies
+        for t in range(1, self._step_loops + 1):
+            total, n = flat[2 * t - 2], flat[2 * t - 1]
+            if n > 0:
+                self.weighting.observe(t, total / n)
+                self.proposal.observe(t, total / n)
         self._pending = {}
 
     def state_dict(self):

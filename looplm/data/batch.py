@@ -34,6 +34,11 @@ class Batch:
             None if self.doc_ids is None else self.doc_ids.to(device),
         )
 
+    def __getitem__(self, rows: slice) -> "Batch":
+        """Some rows of the batch (a data-parallel rank's share)."""
+        return Batch(self.input_ids[rows], self.targets[rows],
+                     None if self.doc_ids is None else self.doc_ids[rows])
+
     @property
     def n_targets(self) -> int:
         """Number of supervised positions (the denominator of a token-mean loss)."""

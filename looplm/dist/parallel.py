@@ -1,0 +1,95 @@
+"""DDP and FSDP2 around one training step.
+
+The read-outs use the LM head and the gate outside `LoopLM.forward` (the fused read-out forms
+their gradients itself), so what DDP and FSDP wrap is the whole step: `StepModule.forward` is the
+recipe's loss. For FSDP2 every shared decoder layer (and prelude/coda layer) is one `fully_shard`
+unit, wrapped once however many loops reuse it, and the step module is the root, which owns the
+embedding, final norm, gate and head.
+"""
+
+import contextlib
+
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+
+
+class StepModule(nn.Module):
+    """The model with the recipe's loss as its forward; `rows` are this rank's rows of the global
+    batch, so per-row random draws (per-sequence sampled step) match one process's."""
+
+    def __init__(self, model, recipe, rows: slice | None = None, global_batch: int | None = None):
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.rows, self.global_batch = rows, global_batch
+
+    def forward(self, batch, step: int):
+        return self.recipe.loss(self.model, batch, step, rows=self.rows, global_batch=self.global_batch)
+
+
+def wrap(model, recipe, parallel: str, device: str, rows: slice | None = None,
+         global_batch: int | None = None):
+    """The module whose forward computes a micro-batch's (loss, metrics), for `parallel`."""
+    step = StepModule(model, recipe, rows, global_batch)
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # some recipes leave parameters without a gradient (a truncated window, Stage II's frozen
+        # LM): DDP must look for them instead of waiting for their reduction
+        return DistributedDataParallel(step, device_ids=[device] if device.startswith("cuda") else None,
+                                       find_unused_parameters=True)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        needs = [type(r).__name__ for r in recipe.regularizers if r.double_backward]
+        if needs:
+            raise ValueError(f"train.parallel='fsdp' cannot train {', '.join(needs)}: its double backward "
+                             "(a gradient inside the loss) crashes under FSDP2's hooks (SIGSEGV seen on "
+                             "torch 2.13, gloo); use train.parallel='ddp'")
+
+        for layer in [*model.prelude, *model.layers, *model.coda]:
+            fully_shard(layer)
+        fully_shard(step)
+    return step
+
+
+@contextlib.contextmanager
+def unsharded(step_module):
+    """Whole parameters outside the step's forward (evaluation reads the head and the gate
+    directly); a no-op unless FSDP shards them."""
+    if hasattr(step_module, "unshard") and hasattr(step_module, "reshard"):
+        step_module.unshard()
+        try:
+            yield
+        finally:
+            step_module.reshard()
+    else:
+        yield
+
+
+def full_state(step_module, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts as full tensors on the CPU, the same for every parallel mode
+    and world size (torch.distributed.checkpoint's state-dict API): a checkpoint written at one
+    world size resumes at any other. Collective under FSDP: every rank must call it."""
+    model = _inner(step_module)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(step_module, optimizer, model_state: dict, optim_state: dict) -> None:
+    """Load full state dicts written by `full_state` (or a one-process run) into any mode."""
+    model = _inner(step_module)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _inner(step_module) -> nn.Module:
+    module = getattr(step_module, "module", step_module)  # DDP holds the step module as .module
+    return module.model
+
+
+def global_grad_norm(norm) -> float:
+    """clip_grad_norm_'s total norm as a float (a DTensor under FSDP)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
