@@ -34,13 +34,18 @@ def full_pass_argmax(model, tokens, n_loops, loop=None):
 def test_greedy_generation_equals_argmax_of_full_passes(n_loops, overrides):
     model = make_model(**overrides)
     T = n_loops or model.cfg.n_loops
-    out = generate(model, PROMPTS, max_new_tokens=6, n_loops=n_loops)
+    for prompts in (PROMPTS, [p[:3] for p in PROMPTS]):  # left padded, and unpadded (no mask)
+        check_greedy(model, prompts, n_loops, T)
+
+
+def check_greedy(model, prompts, n_loops, T):
+    out = generate(model, prompts, max_new_tokens=6, n_loops=n_loops)
     with torch.no_grad():
-        for prompt, new in zip(PROMPTS, out.tokens):
+        for prompt, new in zip(prompts, out.tokens):
             assert len(new) == 6
             for j, token in enumerate(new):
                 assert token == full_pass_argmax(model, prompt + new[:j], T)
-    assert out.mean_loops == T and out.loops_computed == 6 * len(PROMPTS) * T
+    assert out.mean_loops == T and out.loops_computed == 6 * len(prompts) * T
 
 
 def test_q_exit_at_one_equals_all_loops_token_for_token():
@@ -106,6 +111,17 @@ def test_batched_early_exit_equals_one_row_reference(mode, rule):
         assert out.tokens != generate(model, PROMPTS, max_new_tokens=7).tokens
 
 
+def test_early_exit_on_unpadded_rows_equals_the_reference():
+    """Equal prompt lengths take the unmasked attention path while rows leave the batch."""
+    model = make_model()
+    prompts = [p[:3] for p in PROMPTS]
+    out = generate(model, prompts, max_new_tokens=6, exit_rule=QExit(0.6))
+    with torch.no_grad():
+        for prompt, new, loops in zip(prompts, out.tokens, out.exit_loops):
+            assert (new, loops) == reference_generate(model, prompt, 6, QExit(0.6), model.cfg.n_loops, "per_loop")
+    assert out.decode_mean_loops < model.cfg.n_loops
+
+
 def test_skip_false_selects_the_same_tokens_and_computes_every_loop():
     model = make_model()
     rule = QExit(0.6)
@@ -157,6 +173,7 @@ def test_left_padding_mask_and_positions():
     assert cache.positions(3).tolist() == [[0, 0, 0], [0, 1, 2]]
     mask = StaticKVCache(2, 6, start=torch.tensor([2, 0])).valid_mask(4)[0, 0, 3]
     assert mask.tolist() == [False, False, True, True]
+    assert StaticKVCache(2, 6).valid_mask(3) is None  # unpadded: SDPA's causal fast path
 
 
 # -- stopping and sampling -----------------------------------------------------------------------

@@ -127,10 +127,14 @@ class StaticKVCache:
         """Bytes held by the key and value buffers."""
         return sum(t.numel() * t.element_size() for kv in self.buffers.values() for t in kv)
 
-    def valid_mask(self, n_new: int) -> torch.Tensor:
+    def valid_mask(self, n_new: int) -> torch.Tensor | None:
         """(batch, 1, n_new, end) boolean attention mask of the next step: causal, within each
-        row's tokens. A left-pad query sees only itself, so its (unused) output stays finite."""
+        row's tokens. A left-pad query sees only itself, so its (unused) output stays finite.
+        None when no row is padded and the step is a prefill or one token: attention is then
+        plain causal (SDPA's fast path), or, for one new token, sees every position."""
         pos, end = self.length, self.length + n_new
+        if not bool(self.start.any()) and (pos == 0 or n_new == 1):
+            return None
         kv = torch.arange(end, device=self.start.device)
         q = torch.arange(pos, end, device=self.start.device)
         mask = (kv[None, None, :] >= self.start[:, None, None]) & (kv[None, :] <= q[:, None])[None]

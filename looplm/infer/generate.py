@@ -8,7 +8,7 @@ all T, so the first token of every row counts T).
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
@@ -24,9 +24,12 @@ class Generation:
     tokens: list  # per row, the new tokens (the EOS included when it came)
     exit_loops: list  # per row, the loop each new token was read out at
     loops_computed: int = 0  # loops run for the new tokens, summed over rows
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock, prefill included
+    cpu_seconds: float = 0.0  # this process's CPU time, prefill included
+    prefill_seconds: float = 0.0
+    prefill_cpu_seconds: float = 0.0
     cache_bytes: int = 0
-    info: dict = field(default_factory=dict)
+    prefill_loops: int = 0  # loops the prefill counted for the rows' first tokens
 
     @property
     def n_tokens(self) -> int:
@@ -36,6 +39,12 @@ class Generation:
     def mean_loops(self) -> float:
         """Loops actually computed per generated token."""
         return self.loops_computed / max(self.n_tokens, 1)
+
+    @property
+    def decode_mean_loops(self) -> float:
+        """Loops computed per token of the decode steps (the prefill's first tokens left out)."""
+        rows = len(self.tokens)
+        return (self.loops_computed - self.prefill_loops) / max(self.n_tokens - rows, 1)
 
     @property
     def tokens_per_second(self) -> float:
@@ -106,27 +115,31 @@ def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int |
             ids[i, width - len(p):] = torch.tensor(p)
         kv = StaticKVCache(len(prompts), width + max_new_tokens, cache, start=(width - lengths).to(device))
         pick = sampler(temperature, top_k, top_p, generator)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = step(model, ids.to(device), kv, T, exit_rule, skip=skip)
         loops = result.loops_run.clone()
+        prefill = int(loops.sum())
+        nxt = pick(model.logits(result.states[:, -1]))
+        t1, c1 = time.perf_counter(), time.process_time()
         out_tokens, out_loops = [[] for _ in prompts], [[] for _ in prompts]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for n in range(max_new_tokens):
-            nxt = pick(model.logits(result.states[:, -1]))
-            active = torch.nonzero(~done).squeeze(1)
-            for i in active.tolist():
-                out_tokens[i].append(int(nxt[i]))
-                out_loops[i].append(int(result.exit_loops[i, -1]))
+            if n:  # the next token of the rows still going (finished rows sit the step out)
+                active = None if not done.any() else torch.nonzero(~done).squeeze(1)
+                result = step(model, nxt[:, None], kv, T, exit_rule, active=active, skip=skip)
+                loops += result.loops_run
+                nxt = pick(model.logits(result.states[:, -1]))
+            tokens, exits = nxt.tolist(), result.exit_loops[:, -1].tolist()  # one device sync a step
+            for i in torch.nonzero(~done).squeeze(1).tolist():
+                out_tokens[i].append(tokens[i])
+                out_loops[i].append(exits[i])
             if eos is not None:
                 done |= nxt == eos
-            if n == max_new_tokens - 1 or done.all():
-                break
-            active = torch.nonzero(~done).squeeze(1)
-            result = step(model, nxt[:, None], kv, T, exit_rule, active=None if done.sum() == 0 else active,
-                          skip=skip)
-            loops += result.loops_run
-        seconds = time.perf_counter() - t0
-        return Generation(out_tokens, out_loops, loops_computed=int(loops.sum()), seconds=seconds,
-                          cache_bytes=kv.nbytes)
+                if done.all():
+                    break
+        return Generation(out_tokens, out_loops, loops_computed=int(loops.sum()),
+                          seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
+                          prefill_seconds=t1 - t0, prefill_cpu_seconds=c1 - c0, cache_bytes=kv.nbytes,
+                          prefill_loops=prefill)
     finally:
         model.train(was_training)

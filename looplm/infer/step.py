@@ -33,11 +33,17 @@ def fired_by(rule, gates: torch.Tensor, states: list, t: int, n_loops: int) -> t
     return rule.exit_loops(pad, list(states[:t]) + [states[t - 1]] * (n_loops - t)) <= t
 
 
+def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
+    """dst[rows] = src in place (rows None: every row)."""
+    dst.copy_(src) if rows is None else dst.index_copy_(0, rows, src)
+
+
 def _rows_context(full: LoopContext, cache: StaticKVCache, rows) -> LoopContext:
     if rows is None:
         return full
     cos, sin = full.rope
-    return LoopContext(rope=(cos[rows], sin[rows]), mask=full.mask[rows], cache=cache.view(rows),
+    mask = None if full.mask is None else full.mask[rows]
+    return LoopContext(rope=(cos[rows], sin[rows]), mask=mask, cache=cache.view(rows),
                        injected=None if full.injected is None else full.injected[rows])
 
 
@@ -68,33 +74,36 @@ def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None
         full.injected = injected_all
         ctx = _rows_context(full, cache, live)
         x = torch.zeros_like(x)
-    keep_history = rule is not None
-    exit_loops = torch.full((B, S), T, dtype=torch.long, device=ids.device)
-    decided = torch.zeros(B, S, dtype=torch.bool, device=ids.device)
-    loops_run = torch.zeros(B, dtype=torch.long, device=ids.device)
+    device = ids.device
+    exit_loops = torch.full((B, S), T, dtype=torch.long, device=device)
+    loops_run = torch.zeros(B, dtype=torch.long, device=device)
     out = x.new_zeros(B, S, x.shape[-1])
-    gates = x.new_zeros(B, S, T, dtype=torch.promote_types(x.dtype, torch.float32)) if keep_history else None
-    history = []  # per loop, (B, S, d) read-out states of the rows that ran it
+    if rule is not None:  # full-batch records: the rule is asked about every row at once
+        alive = torch.ones(B, dtype=torch.bool, device=device) if live is None else \
+            torch.zeros(B, dtype=torch.bool, device=device).index_fill_(0, live, True)
+        decided = torch.zeros(B, S, dtype=torch.bool, device=device)
+        gates = x.new_zeros(B, S, T, dtype=torch.promote_types(x.dtype, torch.float32))
+        history = x.new_zeros(T, B, S, x.shape[-1])  # read-out state of each loop
     for t in range(1, T + 1):
-        rows = torch.arange(B, device=ids.device) if live is None else live
         x, z = model.recurrence(x, ctx, loop=t - 1)
-        loops_run[rows] = t
-        if not keep_history:
+        loops_run.fill_(t) if live is None else loops_run.index_fill_(0, live, t)
+        if rule is None:
             if t == T:
-                out[rows] = model._readout_states(x, z, ctx, t)[0]
+                _put(out, live, model._readout_states(x, z, ctx, t)[0])
             continue
         h, g = model._readout_states(x, z, ctx, t)
-        history.append(out.new_zeros(B, S, h.shape[-1]).index_copy_(0, rows, h))
-        gates[rows, :, t - 1] = model.exit_logits(g).to(gates.dtype)
-        fired = fired_by(rule, gates[rows], [s[rows] for s in history], t, T) if t < T else \
-            torch.ones(len(rows), S, dtype=torch.bool, device=ids.device)
-        new = fired & ~decided[rows]
-        exit_loops[rows] = torch.where(new, t, exit_loops[rows])
-        decided[rows] |= fired
-        out[rows] = torch.where(new[..., None], h, out[rows])
-        if skip and S == 1 and t < T and fired.any():
-            stay = ~fired[:, 0]
-            live, x = rows[stay], x[stay]
+        _put(history[t - 1], live, h)
+        _put(gates[:, :, t - 1], live, model.exit_logits(g).to(gates.dtype))
+        fired = fired_by(rule, gates, list(history[:t]), t, T) if t < T else torch.ones_like(decided)
+        new = fired & ~decided & alive[:, None]
+        exit_loops.masked_fill_(new, t)
+        decided |= new
+        out = torch.where(new[..., None], history[t - 1], out)
+        if skip and S == 1 and t < T and bool(new.any()):
+            before = alive.clone()
+            alive &= ~new[:, 0]
+            stay = alive[before]  # over the rows of x, in order
+            live, x = torch.nonzero(alive).squeeze(1), x[stay]
             if live.numel() == 0:
                 break
             ctx = _rows_context(full, cache, live)

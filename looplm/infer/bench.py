@@ -1,0 +1,211 @@
+"""Decode benchmark: `python -m looplm.infer.bench` (the decode part of `python -m looplm.bench`).
+
+Side by side in one process, on random prompts (greedy, no EOS, every row generates every token):
+  1. all-T decode on looplm.infer's preallocated cache against HF LlamaForCausalLM.generate with
+     N x T layers of the same width (its own KV cache), per batch size;
+  2. the same decode against the core's concatenating KVCache at a long total length;
+  3. early exit: decode tokens/s and the loops actually computed per decoded token for each exit
+     rule (the prefill, which runs every loop, left out), the speed-up over all-T next to the
+     ideal T / mean loops;
+  4. the KV-cache memory of each sharing mode.
+Each timing is the best process CPU time of --repeats interleaved runs (tokens per CPU second:\non a shared machine wall time also counts other jobs); --threads 1 makes it one core's work.
+Without --run the model is untrained, its gate re-drawn (std --gate-std) so that exits spread over
+the loops; with --run the trained model of a run folder is used (its vocabulary and shape).
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from looplm.exits import QExit, StateChangeExit
+from looplm.infer.cache import MODES
+from looplm.infer.generate import generate
+from looplm.model import KVCache, LoopLM
+
+
+def race(repeats: int, contenders: dict) -> dict:
+    """name -> (seconds, result) for each callable, run in turn `repeats` times (interleaved, so a
+    load change hits all alike) and timed by the best process CPU time: on a shared machine the
+    wall clock also counts other jobs' time slices, CPU time counts only this process's work."""
+    best = {name: (float("inf"), None) for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = time.process_time()
+            result = fn()
+            seconds = time.process_time() - t0
+            if seconds < best[name][0]:
+                best[name] = (seconds, result)
+    return best
+
+
+def random_prompts(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def concat_cache_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decode on the core's KVCache (torch.cat per slot per step), the T-th loop read out."""
+    T, cache = model.cfg.n_loops, KVCache()
+    traj = model(ids, cache=cache, keep={T})
+    out = [model.logits(traj.states[-1][:, -1]).argmax(-1)]
+    for _ in range(new_tokens - 1):
+        traj = model(out[-1][:, None], cache=cache, keep={T})
+        out.append(model.logits(traj.states[-1][:, -1]).argmax(-1))
+    return torch.stack(out, 1)
+
+
+def llama_twin(cfg, max_len: int):
+    """An HF Llama with N x T layers of looplm's width: the unrolled equivalent of the looped stack."""
+    from transformers import LlamaForCausalLM
+
+    from looplm.tools.bench.configs import llama_config
+
+    config = llama_config(cfg, cfg.n_layers * cfg.n_loops, max_len)
+    config.use_cache = True
+    return LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def hf_decode(llama, ids: torch.Tensor, new_tokens: int):
+    return llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def measure(model, args) -> dict:
+    cfg, T = model.cfg, model.cfg.n_loops
+    report = {"model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                        "d_ff": cfg.d_ff, "n_loops": T, "vocab_size": cfg.vocab_size},
+              "threads": torch.get_num_threads(), "decode": [], "long": [], "early_exit": [], "memory": []}
+    llama = llama_twin(cfg, args.prompt + max(args.new, args.long))
+    for batch in args.batches:
+        ids = random_prompts(cfg.vocab_size, batch, args.prompt)
+        times = race(args.repeats, {"looplm": lambda: generate(model, ids.tolist(), args.new),
+                                    "hf": lambda: hf_decode(llama, ids, args.new)})
+        (t_new, _), (t_hf, _) = times["looplm"], times["hf"]
+        report["decode"].append({"batch": batch, "looplm_tok_s": batch * args.new / t_new,
+                                 "hf_llama_tok_s": batch * args.new / t_hf, "ratio": t_hf / t_new})
+        print(f"decode batch {batch}: looplm {batch * args.new / t_new:.0f} tok/s, HF Llama "
+              f"{cfg.n_layers * T} layers {batch * args.new / t_hf:.0f} tok/s", flush=True)
+    for batch in args.long_batches:
+        ids = random_prompts(cfg.vocab_size, batch, args.prompt)
+        n = args.long - args.prompt
+        times = race(args.repeats, {"static": lambda: generate(model, ids.tolist(), n),
+                                    "concat": lambda: concat_cache_decode(model, ids, n)})
+        (t_new, new), (t_old, old) = times["static"], times["concat"]
+        same = torch.equal(torch.tensor(new.tokens), old)
+        report["long"].append({"batch": batch, "total_len": args.long, "static_tok_s": batch * n / t_new,
+                               "concat_tok_s": batch * n / t_old, "speedup": t_old / t_new, "same_tokens": same})
+        print(f"{args.long} tokens batch {batch}: static cache {batch * n / t_new:.0f} tok/s, concatenating "
+              f"{batch * n / t_old:.0f} tok/s (same tokens: {same})", flush=True)
+    rules = [None, *[QExit(q) for q in args.q], *[StateChangeExit(tau) for tau in args.tau]]
+    batch = args.exit_batch
+    prompts = random_prompts(cfg.vocab_size, batch, args.prompt).tolist()
+    names = ["all" if rule is None else f"{rule.label[0]}={rule.label[1]:g}" for rule in rules]
+    times = race(args.repeats, {name: (lambda rule=rule: generate(model, prompts, args.new, exit_rule=rule))
+                                for name, rule in zip(names, rules)})
+    def decode_seconds(out):  # the decode steps' CPU time: the prefill (all loops, 64 tokens) left out
+        return out.cpu_seconds - out.prefill_cpu_seconds
+
+    base = decode_seconds(times["all"][1])
+    for name in names:
+        out = times[name][1]
+        seconds, decoded = decode_seconds(out), out.n_tokens - len(out.tokens)
+        row = {"rule": name, "batch": batch, "tok_s": decoded / seconds, "mean_loops": out.decode_mean_loops,
+               "speedup": base / seconds, "ideal": T / out.decode_mean_loops}
+        row["efficiency"] = row["speedup"] / row["ideal"]
+        report["early_exit"].append(row)
+        print(f"exit {name}: {row['tok_s']:.0f} decode tok/s, mean loops {row['mean_loops']:.2f}, speed-up "
+              f"{row['speedup']:.2f}x of ideal {row['ideal']:.2f}x", flush=True)
+    for mode in MODES:
+        out = generate(model, prompts, args.new, cache=mode)
+        report["memory"].append({"mode": mode, "batch": batch, "max_len": args.prompt + args.new,
+                                 "bytes": out.cache_bytes})
+    return report
+
+
+def table(report: dict) -> str:
+    """The report as Markdown tables (what the README quotes)."""
+    m = report["model"]
+    lines = [f"model: d_model {m['d_model']}, {m['n_layers']} layers x {m['n_loops']} loops, {m['n_heads']} heads, "
+             f"d_ff {m['d_ff']}, vocab {m['vocab_size']}; {report['threads']} threads", "",
+             "| batch | looplm all-T tok/s | HF Llama N*T tok/s | ratio |", "|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['looplm_tok_s']:.0f} | {r['hf_llama_tok_s']:.0f} | {r['ratio']:.2f} |"
+              for r in report["decode"]]
+    lines += ["", "| batch | total tokens | static cache tok/s | concatenating tok/s | speed-up | same tokens |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['total_len']} | {r['static_tok_s']:.0f} | {r['concat_tok_s']:.0f} | "
+              f"{r['speedup']:.2f} | {r['same_tokens']} |" for r in report["long"]]
+    lines += ["", "| rule | batch | decode tok/s | mean loops | speed-up | ideal T/mean | speed-up / ideal |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['batch']} | {r['tok_s']:.0f} | {r['mean_loops']:.2f} | {r['speedup']:.2f} | "
+              f"{r['ideal']:.2f} | {r['efficiency']:.2f} |" for r in report["early_exit"]]
+    lines += ["", "| cache mode | batch | max_len | KV memory (MiB) |", "|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['batch']} | {r['max_len']} | {r['bytes'] / 2**20:.2f} |" for r in report["memory"]]
+    return "\n".join(lines)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m looplm.infer.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", help="a run folder: bench its trained model (default: an untrained one)")
+    for name, default in (("d-model", 256), ("n-layers", 4), ("n-heads", 4), ("d-ff", 688), ("n-loops", 4),
+                          ("vocab", 1024)):
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"untrained model shape (default {default})")
+    parser.add_argument("--gate-std", type=float, default=0.1, help="untrained gate weight std (spreads exits)")
+    parser.add_argument("--batches", type=_ints, default=[1, 8, 64])
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--long", type=int, default=512, help="total length of the concatenating-cache race")
+    parser.add_argument("--long-batches", type=_ints, default=[1, 8])
+    parser.add_argument("--exit-batch", type=int, default=8)
+    parser.add_argument("--q", type=_floats, default=[0.5, 0.7, 0.9])
+    parser.add_argument("--tau", type=_floats, default=[0.25])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", help="write the report to this JSON file")
+    args = parser.parse_args(argv)
+    bad = [f"--{k}={v}" for k, v in (("prompt", args.prompt), ("new", args.new), ("repeats", args.repeats),
+                                     ("exit-batch", args.exit_batch)) if v < 1]
+    bad += [f"--batches={b}" for b in args.batches + args.long_batches if b < 1]
+    if args.long <= args.prompt:
+        bad.append(f"--long={args.long} (must exceed --prompt={args.prompt})")
+    if bad:
+        print(f"error: {bad[0]} must be >= 1", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.run:
+        from looplm.infer.load import RunError, load_run
+        try:
+            model, _ = load_run(args.run)
+        except (RunError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    else:
+        from looplm.config import ModelConfig
+        model = LoopLM(ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
+                                   n_heads=args.n_heads, d_ff=args.d_ff, n_loops=args.n_loops)).eval()
+        with torch.no_grad():
+            model.gate.weight.normal_(0, args.gate_std)
+    report = measure(model, args)
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
