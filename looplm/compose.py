@@ -18,11 +18,14 @@ still drives a schedule such as a curriculum's total steps.
 
 import contextlib
 import re
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gin
 import gin.config as gin_config
+
+from looplm.registry import close_names
 
 COMMAND_LINE = "--bind"
 FREE_KEYS = frozenset({"train.run_dir"})  # naming, not semantics: each variant names its folder
@@ -175,14 +178,32 @@ def read(gin_files: list[str], bindings: list[str], search_dirs: list[Path]) -> 
     with reader.installed():
         for f in gin_files:
             reader.parse_file(str(Path(f).resolve()))
-        gin.parse_config(bindings)
+        for binding in bindings:  # one at a time: an error names the --bind that failed
+            try:
+                gin.parse_config(binding)
+            except (SyntaxError, tokenize.TokenError) as error:
+                reason = error.msg if isinstance(error, SyntaxError) else error.args[0]
+                raise ValueError(f"--bind {binding!r} does not parse ({reason}); a binding reads "
+                                 "'name.parameter = value', e.g. 'TRAIN_STEPS = 500'") from None
     if reader.conflicts:
         raise CompositionError(
             "gin files replace each other's choices silently:\n  " + "\n  ".join(reader.conflicts)
             + "\nCompose them in a file that includes both and sets the value, end the line with "
               "'# override', or pass --bind on the command line.")
     _check_steps_macro(reader.current)
+    _check_macros(reader.current)
     return reader.comp
+
+
+def _check_macros(current: dict) -> None:
+    """A value `%NAME` whose macro nothing binds (gin's own error names neither)."""
+    bound = {b.key for b in current.values()}
+    for b in current.values():
+        for name in re.findall(r"%([\w.]+)", b.value):
+            if name not in bound:
+                raise CompositionError(
+                    f"{b.key} = {b.value} ({_display(b.source)}) uses the macro %{name}, which nothing binds"
+                    f"{close_names(name, [k for k in bound if k.isupper()])}; bind it, e.g. --bind '{name} = ...'")
 
 
 def _check_steps_macro(current: dict) -> None:

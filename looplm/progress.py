@@ -19,7 +19,8 @@ class TrainProgress:
         self.live = enabled and self.console.is_terminal
         self.enabled = enabled
         self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.fields[status]}"), TextColumn("elapsed"), TimeElapsedColumn(),
+                            TextColumn("left"), TimeRemainingColumn(),
                             console=self.console, disable=not self.live)
         self.task = self.bar.add_task("train", total=total_steps, completed=start_step, status="")
 

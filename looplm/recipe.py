@@ -8,6 +8,7 @@ training. Everything else is a plugin in `variants/`.
 import gin
 import torch
 
+from looplm.config import is_number
 from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, LOOP_COUNTS, BackpropWindow,
                           ExitPrior, LossEstimator, LoopCount, Plan, Readouts, Regularizer)
 from looplm.objectives import (entropy, log_exit_probs, neg_entropy_terms, stage1_loss, stage2_loss,
@@ -46,8 +47,8 @@ class UniformPrior(ExitPrior):
     properties = frozenset({"stateless"})
 
     def __init__(self, beta: float = 0.1):
-        if beta < 0:
-            raise ValueError(f"UniformPrior.beta={beta} must be >= 0")
+        if not (is_number(beta) and beta >= 0):
+            raise ValueError(f"UniformPrior.beta={beta!r} must be a finite number >= 0")
         self.beta = beta
 
     def loop_terms(self, log_p, n_loops):
@@ -97,6 +98,11 @@ class GateTraining(LossEstimator):
     trains = "gate"
 
     def __init__(self, k: float = 50.0, gamma: float = 0.005):
+        if not (is_number(k) and k > 0):
+            raise ValueError(f"GateTraining.k={k!r} must be a finite number > 0 (the sharpness of the "
+                             "continue target)")
+        if not (is_number(gamma) and gamma >= 0):
+            raise ValueError(f"GateTraining.gamma={gamma!r} must be a finite number >= 0")
         self.k, self.gamma = k, gamma
 
     def validate(self, recipe):

@@ -17,6 +17,7 @@ Exit codes: 0 done, 2 bad config or input, 3 pre-empted (checkpointed: start aga
 import argparse
 import signal
 import sys
+import tokenize
 from pathlib import Path
 
 import gin
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from looplm import compose
 from looplm.nonfinite import NonFiniteError
+from looplm.registry import gin_name_hint
 from looplm.train import (INTERRUPTED_EXIT_CODE, NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, RunControl,
                           train)
 
@@ -37,9 +39,23 @@ def parse_config(gin_files: list[str], bindings: list[str]) -> compose.Compositi
 
 def _message(err: BaseException) -> str:
     """The error's text without gin's "In call to configurable" trailer (the file and line of a
-    binding that failed stay: they say where to look)."""
-    return "\n".join(line for line in str(err).splitlines()
-                     if not line.strip().startswith("In call to configurable"))
+    binding that failed stay: they say where to look), with close names for an unknown one."""
+    lines = [line for line in str(err).splitlines() if not line.strip().startswith("In call to configurable")]
+    hint = gin_name_hint(lines[0]) if lines else ""
+    if hint:
+        lines[0] += f" ({hint})"
+    return "\n".join(lines)
+
+
+NOISE = ("train.run_dir", "train.progress", "train.log_every", "train.seed", "train.hparams",
+         "train.tracker", "Tracker.")
+
+
+def run_name(gin_files: list[str], bindings: list[str]) -> str:
+    """What Aim's run list shows: the gin files and the --bind lines that change the recipe or
+    the model (`sampled_step SampledStep.readout='run' TRAIN_STEPS=600`); the trainer adds the seed."""
+    keys = [b.replace(" ", "") for b in bindings if not b.strip().startswith(NOISE)]
+    return " ".join([*(Path(f).stem for f in gin_files), *keys])
 
 
 def describe(built: dict, comp: compose.Composition) -> str:
@@ -88,7 +104,7 @@ def main(argv=None) -> int:
             return 0
         for line in compose.report(comp)[1:]:
             print(line, flush=True)
-        summary = train(control=control, existing=args.existing)
+        summary = train(control=control, existing=args.existing, run_name=run_name(args.gin, args.bind))
     except NonFiniteError as err:
         print(f"non-finite: {_message(err)}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
@@ -96,7 +112,7 @@ def main(argv=None) -> int:
         print("interrupted (Ctrl-C twice, or during start-up): no checkpoint written this time",
               file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError, ImportError, SyntaxError, tokenize.TokenError) as err:
         if control.started:
             raise
         print(f"config error: {_message(err)}", file=sys.stderr)

@@ -17,8 +17,10 @@ class Tracker:
         self.repo, self.experiment, self.enabled = repo, experiment, enabled
         self.run = None
 
-    def open(self, hparams: dict, run_hash: str | None = None) -> str | None:
-        """Start a new Aim run, or reopen `run_hash` when a resumed job continues its run."""
+    def open(self, hparams: dict, run_hash: str | None = None, name: str | None = None,
+             config_text: str | None = None) -> str | None:
+        """Start a new Aim run, or reopen `run_hash` when a resumed job continues its run. `name`
+        is what Aim's run list shows; `config_text` the run's config.gin, one binding a line."""
         if not self.enabled:
             return None
         import aim
@@ -29,6 +31,10 @@ class Tracker:
         else:
             self.run = aim.Run(repo=self.repo, experiment=self.experiment)
             self.run["hparams"] = hparams
+            if config_text is not None:
+                self.run["config"] = config_text
+            if name:
+                self.run.name = name
         return self.run.hash
 
     def log(self, metrics: dict, step: int, context: dict | None = None) -> None:
@@ -55,6 +61,22 @@ class Tracker:
         if self.run is not None:
             self.run.close()
             self.run = None
+
+
+def source_commit() -> str | None:
+    """The git commit looplm runs from (with "+dirty" when the tree has changes), or None outside
+    a git checkout: recorded with every run, so a result can be traced to its code."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def ensure_repo(repo: str) -> None:

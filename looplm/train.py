@@ -18,23 +18,24 @@ from pathlib import Path
 import gin
 import torch
 
-from looplm import checkpoint, compose
+from looplm import checkpoint, compose, train_args
 from looplm import nonfinite as nonfinite_guard
 from looplm.config import ModelConfig, sized_for_task
 from looplm.dist import world as dist_world
 from looplm.dist.parallel import full_state, global_grad_norm, load_full_state, unsharded, wrap
 from looplm.dist.world import World
 from looplm.evaluate import evaluate
-from looplm.model import CHECKPOINTING, LoopLM
+from looplm.model import LoopLM
 from looplm.optim import build_optimizer, lr_multiplier
 from looplm.progress import TrainProgress
 from looplm.recipe import Recipe
 from looplm.rundir import AlreadyComplete, open_run, prepare, run_config, simple, write_summary
-from looplm.tracking import Tracker
+from looplm.tracking import Tracker, source_commit
 
 PREEMPTED_EXIT_CODE = 3
 NONFINITE_EXIT_CODE = 4
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for Ctrl-C
+EVALUATIONS = 10  # held-out evaluations per run by default
 
 
 class RunControl:
@@ -61,9 +62,7 @@ class RunControl:
 def _autocast(device: str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    raise ValueError(f"precision={precision!r}; choose 'fp32' or 'bf16'")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _weighted_mean(metric_dicts: list[dict], weights: list[float], world: World) -> dict:
@@ -102,40 +101,34 @@ def train_step(step_module, recipe, batches, step, autocast, trainable, grad_cli
     return metrics["loss"], metrics, grad_norm
 
 
-@gin.configurable(denylist=["control", "existing", "dry_run"])
+@gin.configurable(denylist=["control", "existing", "dry_run", "run_name"])
 def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Recipe | None = None,
           run_dir: str = "runs/default", steps: int = 1000, batch_size: int = 64, grad_accum: int = 1,
           grad_clip: float = 1.0, precision: str = "fp32", device: str = "cpu", seed: int = 0,
-          eval_every: int = 250, eval_max_loops: int | None = None, eval_batch_size: int = 256,
+          eval_every: int | None = None, eval_max_loops: int | None = None, eval_batch_size: int = 256,
           eval_max_batches: int | None = None, checkpoint_every: int = 250,
           init_from: str | None = None, log_every: int = 50, compile: bool = False,
           nonfinite: str = "stop", max_skipped_steps: int = 10, parallel: str = "none",
           activation_checkpointing: str = "none",
           tracker: Tracker | None = None, progress: bool = True, hparams: dict | None = None,
-          control: RunControl | None = None, existing: str = "resume", dry_run: bool = False) -> dict:
+          control: RunControl | None = None, existing: str = "resume", dry_run: bool = False,
+          run_name: str | None = None) -> dict:
     """Train and return a summary: final train metrics, the last evaluation and the loss history.
 
     init_from: a checkpoint file or run directory whose model weights start this run (e.g. Stage
     II gate training on a Stage I model). eval_max_loops: deepest loop count evaluated (2T).
+    eval_every: None evaluates EVALUATIONS times a run (a curve, not a point).
     existing: what to do with a run already in run_dir (looplm.rundir). nonfinite: "stop" or
     "skip" (looplm.nonfinite). parallel: "none", "ddp" or "fsdp" under torchrun/srun
     (looplm.dist); batch_size is the global batch. activation_checkpointing: "none", "loop" or
     "layer" (recompute in backward instead of storing). dry_run: build and validate everything,
     return it, train nothing.
     """
+    if eval_every is None:
+        eval_every = max(1, steps // EVALUATIONS) if isinstance(steps, int) else 1
+    train_args.check(locals())
     settings = {k: v for k, v in locals().items()
-                if simple(v) and k not in ("existing", "dry_run", "control", "tracker", "hparams")}
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every",
-                 "eval_batch_size", "max_skipped_steps"):
-        if settings[name] < 1:
-            raise ValueError(f"train.{name}={settings[name]} must be >= 1")
-    if not grad_clip > 0:
-        raise ValueError(f"train.grad_clip={grad_clip} must be > 0")
-    if nonfinite not in nonfinite_guard.MODES:
-        raise ValueError(f"train.nonfinite={nonfinite!r}; choose one of {nonfinite_guard.MODES}")
-    if activation_checkpointing not in CHECKPOINTING:
-        raise ValueError(f"train.activation_checkpointing={activation_checkpointing!r}; choose one "
-                         f"of {CHECKPOINTING}")
+                if simple(v) and k not in ("existing", "dry_run", "control", "tracker", "hparams", "run_name")}
     control = control or RunControl()
     control.install()  # before anything slow: a pre-emption during start-up is not lost
     started_at = time.perf_counter()
@@ -146,8 +139,9 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
     if init_from is not None and not isinstance(init_from, str):  # a weight source (looplm.io's
         cfg = init_from.model_config(model_config, task)  # ouro_checkpoint): its config is the model's
     else:
-        cfg = sized_for_task(model_config or ModelConfig(), task)
+        cfg = sized_for_task(model_config or ModelConfig(vocab_from_task=True), task)
     recipe = recipe or Recipe()
+    recipe.check_model(cfg)
     recipe.seed = seed
     if dry_run:
         return {"model": cfg, "recipe": recipe, "task": task, "settings": settings}
@@ -205,14 +199,16 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         start_step, history, last_eval = state["step"], state["history"], state["last_eval"]
         wall_before, skipped = state["wall_time"], state.get("skipped_steps", 0)
     tracker = (tracker or Tracker(enabled=False)) if world.main else Tracker(enabled=False)
+    config_text = compose.operative_config_text()
     run_hash = tracker.open({"gin": compose.bindings_in_force(), "recipe": recipe.describe(),
                              "model": asdict(cfg), "seed": seed, "steps": steps,
                              "batch_size": batch_size, "n_params": model.num_params(),
                              "run_dir": str(run_dir.resolve()), "world_size": world.size,
-                             **(hparams or {})},
-                            run_hash=state.get("run_hash") if state else None)
+                             "commit": source_commit(), **(hparams or {})},
+                            run_hash=state.get("run_hash") if state else None,
+                            name=f"{run_name or run_dir.name} seed={seed}", config_text=config_text)
     if world.main:
-        (run_dir / "config.gin").write_text(compose.operative_config_text())
+        (run_dir / "config.gin").write_text(config_text)
 
     def wall_time():
         """Seconds this run has trained, summed over its starts (requeues)."""

@@ -124,6 +124,10 @@ class SampledStep(LossEstimator):
         self._pending: dict[int, list] = {}  # loop -> [sum of token CE, tokens], this optimizer step
         self._step_loops = 0
 
+    def check_model(self, recipe, cfg):
+        for part in (self.proposal, self.weighting):
+            part.check_model(recipe, cfg)
+
     def validate(self, recipe):
         for part in (self.proposal, self.weighting):
             part.validate(recipe)

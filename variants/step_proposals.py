@@ -64,6 +64,13 @@ class FixedScheduleProposal(Proposal):
             raise ValueError(f"FixedScheduleProposal has {len(self.q)} probabilities but FixedLoops.n_loops="
                              f"{lc.n_loops}")
 
+    def check_model(self, recipe, cfg):
+        T, where = recipe.loop_count.n_loops or cfg.n_loops, ("FixedLoops.n_loops" if recipe.loop_count.n_loops
+                                                            else "model_config.n_loops")
+        if len(self.q) != T:
+            raise ValueError(f"FixedScheduleProposal.probs has {len(self.q)} probabilities but the run has "
+                             f"T={T} loops ({where}); give one per loop")
+
     def describe(self):
         return f"FixedScheduleProposal({[round(p, 4) for p in self.q.tolist()]})"
 
