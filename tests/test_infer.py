@@ -2,6 +2,8 @@
 each checked against a second, independent computation (full forward passes, or a batch-of-one
 decode on the core's concatenating KVCache)."""
 
+import json
+
 import pytest
 import torch
 
@@ -209,3 +211,22 @@ def test_bad_generation_arguments_are_named(kwargs, message):
     args = {"prompts": PROMPTS, "max_new_tokens": 3, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         generate(make_model(), **args)
+
+
+# -- the decode benchmark ----------------------------------------------------------------------
+def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp_path, capsys):
+    from looplm.infer.bench import main
+
+    out = tmp_path / "bench.json"
+    code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
+                 "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
+                 "--long", "10", "--repeats", "1", "--exit-batch", "2", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["decode"]] == [1, 2]
+    assert report["long"][0]["same_tokens"] is True  # both caches decode the same greedy tokens
+    memory = {r["mode"]: r["bytes"] for r in report["memory"]}
+    assert memory["per_loop"] == 3 * memory["last"] == 3 * memory["average"]
+    assert report["early_exit"][0]["rule"] == "all" and report["early_exit"][0]["mean_loops"] == 3
+    assert "| cache mode |" in capsys.readouterr().out
+    assert main(["--prompt", "0"]) == 2

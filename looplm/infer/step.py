@@ -1,6 +1,11 @@
 """One forward step of a looped model over new tokens, on a StaticKVCache, with early exit that
 skips compute: after every loop the rows whose exit rule fired leave the batch, and the remaining
-loops run on the live rows only (gathered, then their results scattered back).
+loops run on the live rows only (their states compacted, their keys and values gathered from the
+cache, their results scattered back into full-batch records).
+
+What that saves depends on the batch: a step whose rows have all exited stops (batch 1 saves
+nearly T / mean loops), while a loop that still has live rows reads every weight, so on a CPU
+at small batches (weight-bandwidth bound) fewer rows cost little less.
 
 Rows leave only at single-token (decode) steps: in a prefill the tokens of one row exit at
 different loops but later loops still attend to all of them, so a prefill runs every loop and
@@ -35,7 +40,10 @@ def fired_by(rule, gates: torch.Tensor, states: list, t: int, n_loops: int) -> t
 
 def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
     """dst[rows] = src in place (rows None: every row)."""
-    dst.copy_(src) if rows is None else dst.index_copy_(0, rows, src)
+    if rows is None:
+        dst.copy_(src)
+    else:
+        dst.index_copy_(0, rows, src)
 
 
 def _rows_context(full: LoopContext, cache: StaticKVCache, rows) -> LoopContext:
@@ -86,7 +94,7 @@ def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None
         history = x.new_zeros(T, B, S, x.shape[-1])  # read-out state of each loop
     for t in range(1, T + 1):
         x, z = model.recurrence(x, ctx, loop=t - 1)
-        loops_run.fill_(t) if live is None else loops_run.index_fill_(0, live, t)
+        _put(loops_run, live, torch.full_like(loops_run if live is None else live, t))
         if rule is None:
             if t == T:
                 _put(out, live, model._readout_states(x, z, ctx, t)[0])
