@@ -181,10 +181,6 @@ class SampledStep(LossEstimator):
         runs to the deepest loop of the whole batch, as one process would)."""
         return extra | {"rows": extra["rows"][rows]} if "rows" in extra else extra
 
-    def local_rows(self, extra, rows):
-        """A per-sequence draw made for the global batch, cut to this rank's `rows` (a slice)."""
-        return extra | {"rows": extra["rows"][rows]} if "rows" in extra else extra
-
     # -- the loss -------------------------------------------------------------------------------
     def _slots(self, loops, q, run):
         """(loop per row, importance ratio per row) of every read-out: one for readout="sampled"
