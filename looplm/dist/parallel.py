@@ -11,7 +11,7 @@ import contextlib
 
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 
 class StepModule(nn.Module):
@@ -80,8 +80,11 @@ def full_state(step_module, optimizer) -> tuple[dict, dict]:
 def load_full_state(step_module, optimizer, model_state: dict, optim_state: dict) -> None:
     """Load full state dicts written by `full_state` (or a one-process run) into any mode."""
     model = _inner(step_module)
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    # a parameter that never had a gradient (the embedding under a truncated window) has no AdamW
+    # state to restore: it starts without one, as it was
+    set_optimizer_state_dict(model, optimizer, optim_state,
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _inner(step_module) -> nn.Module:
