@@ -3,7 +3,7 @@ each variant its own gin file, 3 seeds each, on the embedded addition task:
 
     loop count        random_loops     lognormal T per batch (STARS)
     backprop window   truncated        gradient through the last loop only (HRM)
-    loss estimator    sampled_step     one loop t ~ q per batch, CLTS curriculum + Min-SNR
+    loss estimator    sampled_step     one loop t ~ q per batch, loops 1..t read out, CE_1 control variate
     exit prior        prior_geometric  KL to a geometric prior (PonderNet)
     regularizer       jacobian         power-iteration Jacobian penalty (STARS)
     model option      pre_norm         pre-norm residual placement instead of Ouro's sandwich

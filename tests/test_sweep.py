@@ -18,7 +18,8 @@ from looplm.lab import Bundle, Sweep
 from looplm.lab.aim_runs import RunResult, run_config
 from looplm.lab.declaration import load
 from looplm.lab.groups import MixedRuns, group_runs
-from looplm.lab.launch import ensure_aim_repo, run_argv
+from looplm.lab.launch import run_argv
+from looplm.tracking import ensure_repo
 from looplm.lab.paths import paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,7 +420,7 @@ def test_collect_refuses_unrelated_runs_of_one_experiment(tmp_path):
     """`python -m looplm.run` runs outside a sweep (experiment "default", grid point "all"):
     full unroll and sampled step are not two seeds of one config; collect says which keys differ."""
     repo = tmp_path / "aim"
-    ensure_aim_repo(str(repo))
+    ensure_repo(str(repo))
     binds = [*(b.strip() for b in TINY.split(";")), "train.tracker = @Tracker()", f"Tracker.repo = '{repo}'",
              "Tracker.enabled = True"]
     argv = {name: [arg for b in [*binds, f"train.run_dir = '{tmp_path / name}'"] for arg in ("--bind", b)]

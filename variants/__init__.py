@@ -5,9 +5,11 @@ This package deliberately imports nothing: a gin file selects a plugin by import
 
     truncated.py     BACKPROP_WINDOWS  last_loops (LastLoops: HRM one-step k=1, Huginn k=8),
                                        ramped_last_loops (RampedLastLoops: retrofitted recurrence)
-    sampled_step.py  ESTIMATORS        sampled_step (SampledStep: one loop t ~ q, p_t/q_t CE_t)
-                     PROPOSALS         uniform, fixed_schedule, clts (curriculum)
-                     WEIGHTINGS        none, min_snr (Min-SNR-gamma mapped to loops)
+    sampled_step.py  ESTIMATORS        sampled_step (SampledStep: one loop t ~ q, p_t/q_t CE_t, with
+                                       the remedies: loops 1..t read out, CE_1 control variate, ...)
+    step_proposals.py PROPOSALS        uniform, fixed_schedule, clts (curriculum), improvement
+    step_weightings.py WEIGHTINGS      none, min_snr (Min-SNR-gamma mapped to loops)
+    step_gate.py                       the Stage II gate target of SampledStep(gate_target="stage2")
     random_loops.py  LOOP_COUNTS       lognormal, poisson, uniform (STARS), poisson_lognormal
                                        (Huginn), ramped (retrofitted recurrence)
     jacobian.py      REGULARIZERS      stars_jacobian (PowerIterationJacobian: STARS),

@@ -11,7 +11,6 @@ sweep's `bind`, the grid point's, LOOPLM_SWEEP_BIND, then the run directory, see
 the sweep sets itself.
 """
 
-import fcntl
 import os
 import re
 import shlex
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from looplm.lab.declaration import Sweep, Task, gin_literal
 from looplm.lab.paths import Paths
+from looplm.tracking import ensure_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,34 +73,19 @@ def array_problem(sweep: Sweep, env) -> str | None:
     return None
 
 
-def ensure_aim_repo(repo: str) -> None:
-    """Create the Aim repo once: the first tasks of an array start together, and Aim's own
-    initialisation is not safe against several processes creating the same repo at once."""
-    import aim
-
-    if aim.Repo.exists(repo):
-        return
-    Path(repo).mkdir(parents=True, exist_ok=True)
-    with open(Path(repo) / ".looplm-init.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not aim.Repo.exists(repo):
-            aim.Repo.from_path(repo, init=True)
-
-
 def release_stale_run_lock(repo: str, run_dir: Path) -> None:
     """A requeued task may find its Aim run still locked by its previous, killed incarnation (a
     hard kill leaves the lock; Aim clears stale locks only for processes of the same machine).
     Slurm starts a task again only after the old one ended, so that lock is stale: release it."""
     import aim
-    import torch
     from aim.sdk.lock_manager import LockManager
 
-    from looplm.checkpoint import CHECKPOINT_NAME
+    from looplm.checkpoint import CHECKPOINT_NAME, load
 
     checkpoint = run_dir / CHECKPOINT_NAME
     if not checkpoint.exists():
         return
-    run_hash = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get("run_hash")
+    run_hash = load(checkpoint).get("run_hash")  # safe loading: weights_only=True
     locks = LockManager(aim.Repo.from_path(repo).path)
     if run_hash and locks.get_run_lock_info(run_hash).locked:
         print(f"sweep: releasing the stale Aim lock of run {run_hash} (left by a killed earlier start)",
@@ -115,7 +100,7 @@ def run_task(sweep: Sweep, task: Task, where: Paths, run_flags: tuple[str, ...] 
     run_dir = where.run_dir(task)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not where.remote:
-        ensure_aim_repo(where.repo)
+        ensure_repo(where.repo)
         if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             release_stale_run_lock(where.repo, run_dir)
     from looplm.run import main
