@@ -31,6 +31,8 @@ from looplm.train import train
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
 GIN_FILES = sorted(p.name for p in GIN_DIR.glob("*.gin"))
 EXEMPT = re.compile(r"^#\s*learning test:\s*(.*)$", re.MULTILINE)
+BUDGET = re.compile(r"^#\s*learning test steps:\s*(\d+)\s*$", re.MULTILINE)  # a slower learner's budget
+MAX_STEPS = 1200
 T = 3  # 1 layer x 3 loops learns in fewer steps than x 4 at less cost per step
 STEPS = 300
 BAR = 0.5  # held-out exact match at the best of loops 1..T after STEPS steps
@@ -149,7 +151,12 @@ def test_gin_file_learns(name, tmp_path, stage1):
         assert after <= before, (f"{name}: Q-exit needs {after:.3f} loops after Stage II, {before:.3f} "
                                  f"before, to reach {target:.1%} exact match")
         return
+    budget = BUDGET.search(path.read_text())
+    steps = int(budget.group(1)) if budget else STEPS
+    assert STEPS <= steps <= MAX_STEPS, f"{name}: '# learning test steps:' must be in {STEPS}..{MAX_STEPS}"
+    if budget:
+        binds = [*binds, f"TRAIN_STEPS = {steps}"]
     summary = stage1_summary if name == "full_unroll.gin" else learn(path, tmp_path, binds)
     em = max(summary["eval"]["exact_match"][:T])
-    assert em >= BAR, (f"{name}: held-out exact match is at most {em:.1%} (loops 1..{T}) after {STEPS} "
+    assert em >= BAR, (f"{name}: held-out exact match is at most {em:.1%} (loops 1..{T}) after {steps} "
                        f"steps (bar {BAR:.0%}; per loop {summary['eval']['exact_match']})")
