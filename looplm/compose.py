@@ -255,9 +255,7 @@ def unused_bindings() -> list[str]:
     """Bindings set but never passed to a configurable that ran: they have no effect on this run
     (e.g. `LastLoops.k` in a recipe without LastLoops). Macros are used through references."""
     used = _parse_config_text(gin.operative_config_str(max_line_length=10**6))
-    macros = set(_parse_config_text(gin.config_str(max_line_length=10**6)).keys()) - {
-        k for k in bindings_in_force() if "." in k}
-    return [k for k in bindings_in_force() if k not in used and k not in macros]
+    return [k for k in bindings_in_force() if "." in k and k not in used]  # a macro has no "."
 
 
 def operative_config_text() -> str:
