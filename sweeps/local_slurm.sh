@@ -6,7 +6,9 @@
 #   sweeps/local_slurm.sh start DIR  start munged, slurmctld and slurmd; writes DIR/env.sh
 #   sweeps/local_slurm.sh stop DIR   cancel every job, then stop the three daemons
 #
-# Afterwards `source DIR/env.sh` points sbatch, squeue, ... at the cluster.
+# Afterwards `source DIR/env.sh` points sbatch, squeue, ... at the cluster. A second cluster beside
+# a running one (e.g. the tests' while a sweep runs) takes other ports:
+#   LOOPLM_SLURM_PORTS="7817 7818" sweeps/local_slurm.sh start DIR    (slurmctld's, slurmd's)
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
@@ -14,6 +16,9 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 DAEMONS=(slurmd slurmctld munged)
 START_TIMEOUT_S=30
 STOP_TIMEOUT_S=30
+read -r CTLD_PORT SLURMD_PORT <<<"${LOOPLM_SLURM_PORTS:-6817 6818}"
+[[ $CTLD_PORT =~ ^[0-9]+$ && $SLURMD_PORT =~ ^[0-9]+$ ]] \
+    || { echo "local_slurm.sh: LOOPLM_SLURM_PORTS='${LOOPLM_SLURM_PORTS:-}': allowed is two port numbers" >&2; exit 2; }
 
 die() { echo "local_slurm.sh: $*" >&2; exit 1; }
 
@@ -39,6 +44,8 @@ write_conf() {
     cat >"$dir/slurm.conf" <<EOF
 ClusterName=local
 SlurmctldHost=$host
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
@@ -83,7 +90,7 @@ print_logs() {
 start() {
     local dir port
     dir=$(mkdir -p "$1" && cd "$1" && pwd)
-    for port in 6817 6818; do  # slurmctld's and slurmd's default ports
+    for port in "$CTLD_PORT" "$SLURMD_PORT"; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             die "port $port is in use: is another Slurm cluster running? ($0 stop ITS_DIR)"
         fi

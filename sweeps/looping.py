@@ -1,10 +1,10 @@
 """Does looping help? (REFERENCE 7; Ouro Figures 6-7, and the finding that looped models beat
 iso-parameter ones and match iso-FLOP ones on reasoning tasks.) The looped model of gin/base.gin
-(2 shared layers x T = 4) against two non-looped ones, on the three embedded tasks, 3 seeds each:
+(1 shared layer x T = 4) against two non-looped ones, on the three embedded tasks, 3 seeds each:
 
-    looped      2 layers, T = 4                 Ouro Stage I
-    iso_param   2 layers, T = 1                 the same parameters, a quarter of the depth
-    iso_flop    8 layers, T = 1                 the same body FLOPs per token, 4x the parameters
+    looped      1 layer, T = 4                  Ouro Stage I
+    iso_param   1 layer, T = 1                  the same parameters, a quarter of the depth
+    iso_flop    4 layers, T = 1                 the same body FLOPs per token, 4x the parameters
 
 At T = 1 the Stage I loss is plain next-token cross-entropy (p_1 = 1, no entropy term).
 
@@ -26,7 +26,7 @@ SWEEP = Sweep(
         "model": {
             "looped": Bundle(),
             "iso_param": ["model_config.n_loops = 1"],
-            "iso_flop": ["model_config.n_layers = 8", "model_config.n_loops = 1"],
+            "iso_flop": ["model_config.n_layers = 4", "model_config.n_loops = 1"],
         },
     },
     seeds=[0, 1, 2],
