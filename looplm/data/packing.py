@@ -1,5 +1,5 @@
 """Documents of tokens with one supervised answer at the end, packed whole into rows: the shared
-batching of Mano and multi-hop QA."""
+batching of Mano and multi-hop QA, and `pack` for any documents with their own targets (chat)."""
 
 import random
 from collections.abc import Iterator
@@ -35,22 +35,29 @@ class PackedAnswerTask:
         self._eval_rows = self._pack(iter(self.eval_docs), n_rows=None)
 
     def _pack(self, docs: Iterator[list[int]], n_rows: int | None) -> Batch:
-        """Greedy packing: whole documents fill a row while they fit; the rest is padding.
+        """Each document contributes its tokens but the last as inputs and, at the position
+        before the answer, the answer as the one target."""
+        return pack(((doc[:-1], [IGNORE_INDEX] * (len(doc) - 2) + [doc[-1]]) for doc in docs),
+                    self.seq_len, self.pad_id, n_rows)
 
-        Each document contributes its tokens but the last as inputs and, at the position before
-        the answer, the answer as the one target. n_rows=None packs until `docs` runs out.
-        """
-        inputs, targets, doc_ids = [], [], []
-        doc = next(docs, None)
-        while doc is not None and (n_rows is None or len(inputs) < n_rows):
-            row, row_targets, row_docs = [], [], []
-            while doc is not None and len(row) + len(doc) - 1 <= self.seq_len:
-                row += doc[:-1]
-                row_targets += [IGNORE_INDEX] * (len(doc) - 2) + [doc[-1]]
-                row_docs += [row_docs[-1] + 1 if row_docs else 0] * (len(doc) - 1)
-                doc = next(docs, None)
-            fill = self.seq_len - len(row)
-            inputs.append(row + [self.pad_id] * fill)
-            targets.append(row_targets + [IGNORE_INDEX] * fill)
-            doc_ids.append(row_docs + [row_docs[-1] + 1] * fill)
-        return Batch(torch.tensor(inputs), torch.tensor(targets), torch.tensor(doc_ids))
+
+def pack(docs: Iterator[tuple[list[int], list[int]]], seq_len: int, pad_id: int, n_rows: int | None) -> Batch:
+    """Greedy packing of (inputs, targets) documents of at most seq_len positions each: whole
+    documents fill a row while they fit, one doc id each; the rest is padding (its own doc id, no
+    targets). n_rows=None packs until `docs` runs out."""
+    inputs, targets, doc_ids = [], [], []
+    doc = next(docs, None)
+    while doc is not None and (n_rows is None or len(inputs) < n_rows):
+        if len(doc[0]) > seq_len:
+            raise ValueError(f"a document of {len(doc[0])} positions does not fit a row of seq_len={seq_len}")
+        row, row_targets, row_docs = [], [], []
+        while doc is not None and len(row) + len(doc[0]) <= seq_len:
+            row += doc[0]
+            row_targets += doc[1]
+            row_docs += [row_docs[-1] + 1 if row_docs else 0] * len(doc[0])
+            doc = next(docs, None)
+        fill = seq_len - len(row)
+        inputs.append(row + [pad_id] * fill)
+        targets.append(row_targets + [IGNORE_INDEX] * fill)
+        doc_ids.append(row_docs + [row_docs[-1] + 1] * fill)
+    return Batch(torch.tensor(inputs), torch.tensor(targets), torch.tensor(doc_ids))

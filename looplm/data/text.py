@@ -52,24 +52,39 @@ def looks_local(dataset: str) -> bool:
     return dataset.startswith(("/", ".", "~")) or Path(dataset).suffix in BUILDERS
 
 
-def check_local_data(dataset: str) -> None:
+def check_dataset(dataset: str, dataset_config: str | None, owner: str = "TextTask") -> None:
+    """Raise ValueError, naming `owner`'s argument, for a local path that does not exist, a local
+    path with a hub dataset_config, or a local file of a format datasets does not read."""
+    local = Path(dataset).expanduser()
+    if not local.exists() and looks_local(dataset):
+        raise ValueError(f"{owner}.dataset={dataset!r}: no such file or folder (a local dataset is "
+                         f"a file ending in one of {sorted(BUILDERS)} or a folder of them)")
+    if local.exists() and dataset_config is not None:
+        raise ValueError(f"{owner}.dataset_config={dataset_config!r}: allowed only with a hub "
+                         f"dataset, and {dataset!r} is a local path (pass None)")
+    if local.is_file() and local.suffix not in BUILDERS:
+        raise ValueError(f"{owner}.dataset={dataset!r}: a local file must end in one of "
+                         f"{sorted(BUILDERS)}")
+
+
+def check_local_data(dataset: str, owner: str = "TextTask") -> None:
     """Raise ValueError, naming the file, for a local dataset that datasets would fail on without
     saying why: a folder with no data files, an empty file, or text that is not UTF-8."""
     local = Path(dataset).expanduser()
     files = sorted(f for f in local.rglob("*") if f.is_file() and f.suffix in BUILDERS) \
         if local.is_dir() else [local]
     if not files:
-        raise ValueError(f"TextTask.dataset={dataset!r} is a folder without data files: allowed are "
+        raise ValueError(f"{owner}.dataset={dataset!r} is a folder without data files: allowed are "
                          f"files ending in {sorted(BUILDERS)} (named by split, e.g. train.txt)")
     for f in files:
         if f.stat().st_size == 0:
-            raise ValueError(f"TextTask.dataset={dataset!r}: {str(f)!r} is empty; a data file needs "
+            raise ValueError(f"{owner}.dataset={dataset!r}: {str(f)!r} is empty; a data file needs "
                              "at least one non-blank record")
         if f.suffix in TEXT_SUFFIXES:
-            _check_utf8(f, dataset)
+            _check_utf8(f, dataset, owner)
 
 
-def _check_utf8(path: Path, dataset: str) -> None:
+def _check_utf8(path: Path, dataset: str, owner: str) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
@@ -77,14 +92,14 @@ def _check_utf8(path: Path, dataset: str) -> None:
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as error:
-                raise ValueError(f"TextTask.dataset={dataset!r}: {str(path)!r} is not UTF-8 text (byte "
+                raise ValueError(f"{owner}.dataset={dataset!r}: {str(path)!r} is not UTF-8 text (byte "
                                  f"{offset + error.start}: {error.reason}); allowed is UTF-8, e.g. "
                                  "convert it with `iconv -f latin1 -t utf-8`") from None
             offset += len(chunk)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise ValueError(f"TextTask.dataset={dataset!r}: {str(path)!r} is not UTF-8 text (it ends "
+            raise ValueError(f"{owner}.dataset={dataset!r}: {str(path)!r} is not UTF-8 text (it ends "
                              "inside a multi-byte character)") from None
 
 
@@ -101,10 +116,13 @@ def load_tokenizer(name: str, hf_cache_dir: str | None = None):
 
 
 def load_split(dataset: str, config: str | None, split: str, hf_cache_dir: str | None = None):
-    """One split of a local file, a local folder (splits named by its files), or a hub dataset."""
+    """One split of a local file, a local folder (splits named by its files, or written by
+    datasets' save_to_disk), or a hub dataset."""
     import datasets
 
     local = Path(dataset).expanduser()
+    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
+        return _saved_split(local, split)
     if local.is_dir():
         return datasets.load_dataset(str(local), split=split, cache_dir=hf_cache_dir)
     if local.is_file():
@@ -114,6 +132,20 @@ def load_split(dataset: str, config: str | None, split: str, hf_cache_dir: str |
         return datasets.load_dataset(dataset, config, split=split, cache_dir=hf_cache_dir)
     except _hub_errors() as error:
         raise _unreachable("dataset", dataset, error) from error
+
+
+def _saved_split(local: Path, split: str):
+    """`split` (datasets' slicing too, e.g. "train[:95%]") of a save_to_disk folder; a saved
+    Dataset, not a DatasetDict, is the split "train"."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(local))
+    splits = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({k: len(v) for k, v in splits.items()})
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"split {split!r} of the saved dataset {str(local)!r}: {error}") from None
+    return datasets.concatenate_datasets([splits[p.splitname].select(range(p.from_, p.to)) for p in parts])
 
 
 def tokenize_split(ds, tokenizer, text_field: str) -> torch.Tensor:
@@ -140,6 +172,14 @@ def tokenize_split(ds, tokenizer, text_field: str) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _permutation(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=generator(seed, epoch))
+
+
+def epoch_order(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Items step*B .. step*B + B - 1 of an endless sequence of epochs over n items, each epoch a
+    permutation seeded by (seed, epoch): resuming at step k needs nothing but k."""
+    index = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, position = index // n, index % n
+    return torch.stack([_permutation(n, seed, int(e))[p] for e, p in zip(epochs, position)])
 
 
 @gin.configurable
@@ -172,16 +212,7 @@ class TextTask:
                                             or max_eval_blocks < 1):
             raise ValueError(f"TextTask.max_eval_blocks={max_eval_blocks!r}: allowed are None or "
                              "integers >= 1")
-        local = Path(dataset).expanduser()
-        if not local.exists() and looks_local(dataset):
-            raise ValueError(f"TextTask.dataset={dataset!r}: no such file or folder (a local dataset is "
-                             f"a file ending in one of {sorted(BUILDERS)} or a folder of them)")
-        if local.exists() and dataset_config is not None:
-            raise ValueError(f"TextTask.dataset_config={dataset_config!r}: allowed only with a hub "
-                             f"dataset, and {dataset!r} is a local path (pass None)")
-        if local.is_file() and local.suffix not in BUILDERS:
-            raise ValueError(f"TextTask.dataset={dataset!r}: a local file must end in one of "
-                             f"{sorted(BUILDERS)}")
+        check_dataset(dataset, dataset_config)
         self.dataset, self.dataset_config, self.text_field = dataset, dataset_config, text_field
         self.seq_len, self.seed, self.hf_cache_dir = seq_len, seed, hf_cache_dir
         self.cache_dir = Path(cache_dir).expanduser()
@@ -201,13 +232,8 @@ class TextTask:
         self.n_eval_blocks = min(n_eval_blocks, max_eval_blocks or n_eval_blocks)
 
     def train_batch(self, step: int, batch_size: int) -> Batch:
-        """Blocks step*B .. step*B + B - 1 of an endless sequence of epochs, each a permutation
-        seeded by (seed, epoch): resuming at step k needs nothing but k."""
-        index = torch.arange(step * batch_size, (step + 1) * batch_size)
-        epochs, position = index // self.n_train_blocks, index % self.n_train_blocks
-        blocks = torch.stack([_permutation(self.n_train_blocks, self.seed, int(e))[p]
-                              for e, p in zip(epochs, position)])
-        return self._blocks(self.train_tokens, blocks)
+        """Blocks in epoch_order: a fixed function of (seed, step)."""
+        return self._blocks(self.train_tokens, epoch_order(step, batch_size, self.n_train_blocks, self.seed))
 
     def eval_batches(self, batch_size: int) -> Iterator[Batch]:
         """The first n_eval_blocks blocks of eval_split in order; the last batch may be smaller."""
