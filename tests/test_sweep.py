@@ -440,3 +440,28 @@ def test_collect_refuses_unrelated_runs_of_one_experiment(tmp_path):
     pair = {"'@ExitWeighted()' vs '@SampledStep()'", "'@SampledStep()' vs '@ExitWeighted()'"}  # in read order
     assert any(f"gin: Recipe.estimator: {p};" in message for p in pair), message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seeds, band", [(2, False), (3, True)])
+def test_a_plotted_group_shows_each_seed_its_mean_and_a_min_max_band_from_three_seeds(seeds, band):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from looplm.lab.plots import _spread
+
+    curves = np.array([[1.0, 0.5, 0.2], [2.0, 0.4, 0.1], [4.0, 0.3, 0.05]])[:seeds]
+    fig, ax = plt.subplots()
+    ax.set_yscale("log")
+    _spread(ax, np.arange(3), curves, "C0", "point")
+    lines = ax.get_lines()
+    assert len(lines) == seeds + 1  # one thin line per seed, then the mean
+    np.testing.assert_allclose(lines[-1].get_ydata(), curves.mean(0))
+    assert lines[-1].get_label() == f"point (n={seeds})"
+    assert [line.get_linewidth() < lines[-1].get_linewidth() for line in lines[:-1]] == [True] * seeds
+    bands = ax.collections
+    assert len(bands) == int(band)
+    if band:  # min-max: positive wherever the data are, so it draws on a log scale
+        vertices = bands[0].get_paths()[0].vertices
+        assert vertices[:, 1].min() == pytest.approx(curves.min()) and vertices[:, 1].max() == pytest.approx(curves.max())
+    plt.close(fig)

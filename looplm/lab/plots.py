@@ -1,5 +1,8 @@
 """The collected plots: loss curves, accuracy against loop count, exit distribution and the
-early-exit frontier, one panel per value of the first grid axis, mean ± std over seeds."""
+early-exit frontier, one panel per value of the first grid axis. Each seed is a thin line and the
+mean a thick one; a band (min to max over seeds) only where there are 3 seeds or more, since two
+seeds give no spread worth drawing, and min-max stays positive on a log scale where mean - std
+need not."""
 
 import math
 from pathlib import Path
@@ -46,6 +49,25 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([head, np.convolve(values, kernel, mode="valid")])
 
 
+MIN_SEEDS_FOR_BAND = 3
+SPREAD_NOTE = "thin lines: seeds, thick: mean, band: min-max over seeds (3 or more)"
+
+
+def _spread(ax, x, curves: np.ndarray, color, label: str, marker: str = "") -> None:
+    """Every seed's curve thin, their mean thick and labelled, min-max band from 3 seeds on."""
+    for curve in curves:
+        ax.plot(x, curve, color=color, lw=0.6, alpha=0.35)
+    ax.plot(x, curves.mean(0), marker or "-", color=color, lw=1.8, ms=3, label=f"{label} (n={len(curves)})")
+    if len(curves) >= MIN_SEEDS_FOR_BAND:
+        ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.15, lw=0)
+
+
+def _per_loop_curves(group: Group, name: str) -> np.ndarray:
+    """(seeds, loops) of an evaluation's per-loop metric, cut to the depth every seed has."""
+    depth = min(len(r.eval.get(name, [])) for r in group.runs)
+    return np.array([r.eval[name][:depth] for r in group.runs], dtype=float)
+
+
 def plot_loss_curves(groups: list[Group], path: Path) -> None:
     facets = _facets([g for g in groups if g.runs])
     fig, axes, cols = _figure(max(len(facets), 1))
@@ -57,12 +79,7 @@ def plot_loss_curves(groups: list[Group], path: Path) -> None:
         for g, label, color in members:
             n = min(len(r.loss) for r in g.runs)
             curves = np.stack([_smooth(r.loss[:n], window) for r in g.runs])
-            steps = g.runs[0].loss_steps[:n]
-            mean = curves.mean(0)
-            ax.plot(steps, mean, color=color, label=f"{label or g.point} (n={len(g.runs)})", lw=1.5)
-            if len(g.runs) > 1:
-                std = curves.std(0, ddof=1)
-                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            _spread(ax, g.runs[0].loss_steps[:n], curves, color, label or g.point)
             all_values.append(curves)
         ax.set_title(panel or "train loss", fontsize=10)
         ax.set_xlabel("step")
@@ -74,8 +91,8 @@ def plot_loss_curves(groups: list[Group], path: Path) -> None:
         for ax in axes.ravel():
             ax.set_yscale("log")
     smoothing = f"moving average over {window} steps" if window > 1 else "per step"
-    _finish(fig, axes, len(facets), f"train loss: the objective, prior term included ({smoothing}); "
-                                    "band: mean ± std over seeds", path)
+    _finish(fig, axes, len(facets), f"train loss: the objective, prior term included ({smoothing})\n"
+                                    f"{SPREAD_NOTE}", path)
 
 
 def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
@@ -87,12 +104,10 @@ def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
         for row, (name, title) in enumerate([("acc", "token accuracy"), ("exact_match", "exact match")]):
             ax = axes[row * panel_rows + i // cols][i % cols]
             for g, label, color in members:
-                stats = g.per_loop(name)
-                loops = np.arange(1, len(stats) + 1)
-                mean = np.array([s[0] for s in stats])
-                std = np.nan_to_num(np.array([s[1] for s in stats]))
-                ax.plot(loops, mean, "-o", color=color, ms=3, label=f"{label or g.point}")
-                ax.fill_between(loops, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+                curves = _per_loop_curves(g, name)
+                loops = np.arange(1, curves.shape[1] + 1)
+                _spread(ax, loops, curves, color, label or g.point, marker="-o")
+                mean = curves.mean(0)
                 T = g.n_loops
                 if 0 < T <= len(mean):
                     ax.plot([T], [mean[T - 1]], "*", color=color, ms=12, mec="black", mew=0.6)
@@ -105,7 +120,7 @@ def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
     for extra in range(len(facets), panel_rows * cols):
         for row in range(2):
             axes[row * panel_rows + extra // cols][extra % cols].axis("off")
-    _finish(fig, axes, axes.size, "held-out accuracy vs loop count (★ trained T); band: ± std over seeds", path)
+    _finish(fig, axes, axes.size, f"held-out accuracy vs loop count (★ trained T)\n{SPREAD_NOTE}", path)
 
 
 def plot_exit_distribution(groups: list[Group], path: Path) -> None:
@@ -115,21 +130,22 @@ def plot_exit_distribution(groups: list[Group], path: Path) -> None:
         ax = axes[i // cols][i % cols]
         width = 0.8 / max(len(members), 1)
         for j, (g, label, color) in enumerate(members):
-            stats = g.per_loop("exit_p")
-            loops = np.arange(1, len(stats) + 1)
-            mean = np.array([s[0] for s in stats])
-            std = np.nan_to_num(np.array([s[1] for s in stats]))
+            curves = _per_loop_curves(g, "exit_p")
+            loops = np.arange(1, curves.shape[1] + 1)
+            mean = curves.mean(0)
+            spread = (np.stack([mean - curves.min(0), curves.max(0) - mean])
+                      if len(curves) >= MIN_SEEDS_FOR_BAND else None)
             exit_mean = g.scalar("exit_mean")[0]
-            ax.bar(loops - 0.4 + width * (j + 0.5), mean, width, yerr=std if len(g.runs) > 1 else None,
-                   color=color, capsize=2, label=f"{label or g.point} (mean exit {exit_mean:.2f})")
+            ax.bar(loops - 0.4 + width * (j + 0.5), mean, width, yerr=spread, color=color, capsize=2,
+                   label=f"{label or g.point} (n={len(curves)}, mean exit {exit_mean:.2f})")
         ax.set_title(panel or "exit distribution", fontsize=10)
         ax.set_xlabel("exit loop t")
         ax.set_ylabel("mean p(exit at t)")
         ax.set_xticks(range(1, max((g.n_loops for g, _, _ in members), default=1) + 1))
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    _finish(fig, axes, len(facets), "mean exit distribution on held-out data; error bars: std over seeds",
-            path)
+    _finish(fig, axes, len(facets), "exit distribution on held-out data, mean over seeds; "
+                                    "error bars: min-max over seeds (3 or more)", path)
 
 
 def plot_exit_frontier(groups: list[Group], path: Path) -> None:
