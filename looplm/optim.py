@@ -1,4 +1,5 @@
-"""AdamW with Ouro's defaults, weight decay on the loop's matrices only, and warm-up + cosine."""
+"""AdamW with Ouro's defaults, weight decay on the loop's matrices only, and warm-up + cosine or
+warm-up/stable/decay."""
 
 import math
 from fnmatch import fnmatchcase
@@ -67,15 +68,51 @@ def warmup_length(total_steps: int, warmup_steps: int | float = DEFAULT_WARMUP) 
     return int(warmup_steps * total_steps)
 
 
+SCHEDULES = ("cosine", "wsd")
+DEFAULT_DECAY = 0.2  # lr_multiplier.decay_steps of "wsd": the last 20% of the run
+
+
+def decay_length(total_steps: int, warmup: int, decay_steps: int | float) -> int:
+    """The "wsd" decay in steps: a count, or a share of the run (a float in (0, 1]); it must
+    leave room for the warm-up."""
+    if isinstance(decay_steps, int) and not isinstance(decay_steps, bool):
+        steps = decay_steps
+    elif _number(decay_steps) and 0 < decay_steps <= 1:
+        steps = int(decay_steps * total_steps)
+    else:
+        raise ValueError(f"lr_multiplier.decay_steps={decay_steps!r} must be a step count (an integer) or a "
+                         "share of the run in (0, 1] such as 0.2")
+    if not 0 <= steps <= total_steps - warmup:
+        raise ValueError(f"lr_multiplier.decay_steps={decay_steps!r} is {steps} steps: allowed are 0.."
+                         f"{total_steps - warmup} (the run's {total_steps} steps less {warmup} of warm-up)")
+    return steps
+
+
 @gin.configurable
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int | float = DEFAULT_WARMUP,
-                  min_ratio: float = 0.1) -> float:
+                  min_ratio: float = 0.1, schedule: str = "cosine",
+                  decay_steps: int | float | None = None) -> float:
     """Linear warm-up to the peak over `warmup_length(total_steps, warmup_steps)` steps (step 0
-    already at 1/warm-up), then cosine decay to `min_ratio` of it at `total_steps`."""
+    already at 1/warm-up), then down to `min_ratio` of it at `total_steps`:
+
+    - "cosine": cosine decay over the whole rest of the run;
+    - "wsd" (warm-up, stable, decay; Ouro's pre-training, MiniCPM): the peak held until the last
+      `decay_length(...)` steps (default DEFAULT_DECAY of the run), then linear decay. A stage
+      that ends at the peak (decay_steps=0) can be continued by a later one."""
     if not (_number(min_ratio) and 0 <= min_ratio <= 1):
         raise ValueError(f"lr_multiplier.min_ratio={min_ratio!r} must be a number in [0, 1]")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_multiplier.schedule={schedule!r}: allowed are {SCHEDULES}")
+    if schedule == "cosine" and decay_steps is not None:
+        raise ValueError(f"lr_multiplier.decay_steps={decay_steps!r} applies only to schedule='wsd' (cosine "
+                         "decays over the whole run after the warm-up)")
     warmup = warmup_length(total_steps, warmup_steps)
+    if schedule == "wsd":  # checked at any step: the trainer's step-0 call is its config check
+        decay = decay_length(total_steps, warmup, DEFAULT_DECAY if decay_steps is None else decay_steps)
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "wsd":
+        progress = max(0.0, (step - (total_steps - decay)) / decay) if decay else 0.0
+        return 1 - (1 - min_ratio) * min(1.0, progress)
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,4 +1,5 @@
-"""looplm.optim: which parameters decay (by name, on a real model) and the warm-up + cosine schedule."""
+"""looplm.optim: which parameters decay (by name, on a real model) and the warm-up + cosine and
+warm-up/stable/decay schedules."""
 
 import math
 
@@ -148,3 +149,29 @@ def test_bad_optimizer_settings(model, kw, match):
 def test_bad_min_ratio():
     with pytest.raises(ValueError, match=r"min_ratio=2\.0 must be a number in \[0, 1\]"):
         lr_multiplier(0, 10, min_ratio=2.0)
+
+
+def test_warmup_stable_decay_by_hand():
+    """warm-up 10 of 100 steps, the peak held to step 80, then linear decay over the last 20
+    steps towards 0.1 at step 100: 1 - 0.9 (s - 80) / 20."""
+    got = [lr_multiplier(s, 100, warmup_steps=10, min_ratio=0.1, schedule="wsd", decay_steps=20)
+           for s in range(100)]
+    assert got[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert got[10:81] == [1.0] * 71
+    assert got[90] == pytest.approx(0.55) and got[99] == pytest.approx(1 - 0.9 * 19 / 20)
+    assert got == [lr_multiplier(s, 100, warmup_steps=0.1, min_ratio=0.1, schedule="wsd", decay_steps=0.2)
+                   for s in range(100)]  # shares of the run are those counts
+    assert [lr_multiplier(s, 100, warmup_steps=10, min_ratio=0.1, schedule="wsd") for s in range(100)] == got
+    assert [lr_multiplier(s, 10, warmup_steps=2, schedule="wsd", decay_steps=0) for s in range(2, 10)] == [1.0] * 8
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"schedule": "linear"}, r"schedule='linear': allowed are \('cosine', 'wsd'\)"),
+    ({"decay_steps": 10}, r"decay_steps=10 applies only to schedule='wsd'"),
+    ({"schedule": "wsd", "decay_steps": 95}, r"decay_steps=95 is 95 steps: allowed are 0\.\.90"),
+    ({"schedule": "wsd", "decay_steps": 0.0}, r"decay_steps=0\.0 must be a step count"),
+    ({"schedule": "wsd", "decay_steps": True}, r"decay_steps=True must be"),
+])
+def test_bad_schedule(kw, match):
+    with pytest.raises(ValueError, match=match):
+        lr_multiplier(0, 100, warmup_steps=10, **kw)
