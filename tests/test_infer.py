@@ -215,7 +215,10 @@ def test_bad_generation_arguments_are_named(kwargs, message):
 
 # -- the decode benchmark ----------------------------------------------------------------------
 def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp_path, capsys):
-    from looplm.infer.bench import main
+    from looplm.bench import main as bench
+
+    def main(argv):  # the decode part of `python -m looplm.bench`
+        return bench(["decode", *argv])
 
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",

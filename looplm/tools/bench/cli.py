@@ -28,6 +28,7 @@ Examples:
     python -m looplm.bench --reps 3 --out bench.md                       # CPU bench shape
     python -m looplm.bench --device cuda --dtype bf16 --preset small --compile --out gpu.md
     python -m looplm.bench --recipes full,llama_nxt --profile            # profile one step
+    python -m looplm.bench decode --run runs/full_unroll                 # the decode part (looplm.infer.bench)
 """
 
 import argparse
@@ -69,7 +70,9 @@ def _spawn(spec: dict, timeout: float) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m looplm.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="The decode part (KV cache, early exit, HF generate): "
+                                       "python -m looplm.bench decode --help")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help=f"comma-separated configurations; known: {', '.join(CONFIGS)}")
     p.add_argument("--preset", default="bench", help="model preset (looplm.config.PRESETS) or 'bench'")
