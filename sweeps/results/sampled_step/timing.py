@@ -11,15 +11,16 @@ each round covers the same steps (the same draws) for every configuration.
 
 import sys
 import time
+from dataclasses import replace
 
 import gin
 import torch
 
 from looplm.data import AdditionTask
 from looplm.model import LoopLM
-from looplm.config import model_config
 from looplm.optim import build_optimizer
 from looplm.recipe import ExitWeighted, Recipe, UniformPrior
+from looplm.run import parse_config
 from variants.sampled_step import SampledStep
 
 CONFIGS = {
@@ -48,9 +49,11 @@ def seconds(make_recipe, steps, task, cfg):
 
 
 def main(steps=40, rounds=3):
-    gin.clear_config()
+    parse_config(["gin/base.gin"], [])  # the default model, whatever base.gin says it is
     task = AdditionTask(n_digits=4, reverse_operands=True)
-    cfg = model_config("tiny", d_model=128, n_layers=2, n_heads=4, d_ff=344, n_loops=4, vocab_size=task.vocab_size)
+    cfg = replace(gin.query_parameter("train.model_config").scoped_configurable_fn(), vocab_size=task.vocab_size)
+    gin.clear_config()
+    print(f"model: {cfg.n_layers} layers x T = {cfg.n_loops}, d_model {cfg.d_model}")
     best = {name: float("inf") for name in CONFIGS}
     for _ in range(rounds):
         for name, make in CONFIGS.items():
