@@ -9,6 +9,9 @@ The run length is the TRAIN_STEPS macro: `--bind 'TRAIN_STEPS = 500'`.
 A run folder (train.run_dir) that holds a checkpoint is resumed only with the same config; a
 finished one is left as it is. `--resume` continues it with a new TRAIN_STEPS, `--overwrite`
 starts over. `--dry-run` prints the resolved recipe and bindings and trains nothing.
+`--init-from PATH` starts from a checkpoint's weights and model config: a looplm run folder or
+checkpoint file, an Ouro-layout Huggingface folder, or a hub id already in the local Huggingface
+cache (looplm.io.source.weight_source; the gin files' model_config is then not used).
 
 Exit codes: 0 done, 2 bad config or input, 3 pre-empted (checkpointed: start again to resume),
 4 stopped on a non-finite value (last good checkpoint kept), 130 Ctrl-C (checkpointed).
@@ -86,6 +89,9 @@ def main(argv=None) -> int:
                         help="gin config file (repeatable; they compose, see above)")
     parser.add_argument("--bind", action="append", default=[], metavar="BINDING",
                         help="a gin binding such as 'TRAIN_STEPS = 100' (repeatable, applied last, wins)")
+    parser.add_argument("--init-from", metavar="PATH",
+                        help="start from PATH's weights and model config (a looplm run or checkpoint, an "
+                             "Ouro-layout folder, or a hub id in the local Huggingface cache)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved recipe and bindings, train nothing")
     existing = parser.add_mutually_exclusive_group()
@@ -98,6 +104,9 @@ def main(argv=None) -> int:
         args.gin = [str(GIN_DIR / "base.gin")]
     control = RunControl()
     try:
+        if args.init_from is not None:  # before the --bind lines, which may refine it
+            from looplm.io.source import init_from_bindings
+            args.bind = [*init_from_bindings(args.init_from), *args.bind]
         comp = parse_config(args.gin, args.bind)
         if args.dry_run:
             print(describe(train(dry_run=True), comp))

@@ -10,6 +10,7 @@ figures of the README's reliability section.
 import collections
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -169,6 +170,17 @@ CASES = [
     case("init_from without model", [], r"lacks \['model'\]", setup="init_from_no_model", owner="checkpoint"),
     case("init_from a code-running pickle", [], r"refused.*posix\.system|refused.*system", setup="init_from_evil",
          owner="checkpoint"),
+    case("--init-from missing", [], r"'/nonexistent/ouro': no such file or folder; allowed are a looplm run",
+         argv=["--init-from", "/nonexistent/ouro"], owner="io.source"),
+    case("--init-from a folder of neither kind", [], r"'gin' is a folder with neither checkpoint\.pt nor config\.json",
+         argv=["--init-from", "gin"], owner="io.source"),
+    case("--init-from a hub id not in the cache", [], r"'no-org/no-model' is not in the local Huggingface cache",
+         argv=["--init-from", "no-org/no-model"], owner="io.source"),
+    # -- chat data --------------------------------------------------------------------------
+    case("chat tokenizer without a chat template", [], r"ChatTask\.tokenizer=.*has no chat template",
+         setup="chat_no_template", owner="chat"),
+    case("chat data without the messages field", [], r"messages_field='messages' is not a column.*\['text'\]",
+         setup="chat_no_messages", owner="chat"),
     # -- text data files --------------------------------------------------------------------
     case("text file empty", [], r"empty\.txt' is empty", setup="text_empty", owner="text"),
     case("text file blank", [], r"holds no text", setup="text_blank", owner="text"),
@@ -268,6 +280,18 @@ class Setup:
         self.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         self.monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
         return self._text("no-such-org/no-such-dataset")
+
+    def _chat(self, record: dict, tokenizer: Path):
+        (self.tmp / "chat.jsonl").write_text(json.dumps(record) + "\n")
+        return ["train.task = @ChatTask()", f"ChatTask.dataset = '{self.tmp / 'chat.jsonl'}'",
+                f"ChatTask.tokenizer = '{tokenizer}'", "ChatTask.split = 'train'", "ChatTask.eval_split = 'train'"]
+
+    def chat_no_template(self):
+        return self._chat({"messages": [{"role": "user", "content": "the cat"}]}, self.tokenizer)
+
+    def chat_no_messages(self):
+        from toy_chat import make_chat_tokenizer
+        return self._chat({"text": "the cat sat"}, make_chat_tokenizer(self.tmp / "chat_tok"))
 
     def text_empty_folder(self):
         (self.tmp / "corpus").mkdir()

@@ -7,8 +7,9 @@ when they are not a looplm run of the same shape.
     train.model_config = None   # override (the checkpoint defines the model)
 
 ouro_checkpoint: an Ouro-layout Huggingface folder; its config.json is the model's config,
-vocabulary included. upcycled_checkpoint: a smaller model (Ouro folder or looplm run) with its
-layers repeated, as Ouro grew its 2.6B (48 layers) from the 1.4B (24).
+vocabulary included. weight_source: that, or a looplm run (what `python -m looplm.run --init-from
+PATH` binds). upcycled_checkpoint: a smaller model (Ouro folder or looplm run) with its layers
+repeated, as Ouro grew its 2.6B (48 layers) from the 1.4B (24).
 """
 
 from dataclasses import asdict, fields, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import gin
 
+from looplm.checkpoint import CHECKPOINT_NAME
 from looplm.config import ModelConfig, sized_for_task
 from looplm.io import folder, layout
 from looplm.model import LoopLM
@@ -75,11 +77,13 @@ class OuroCheckpoint(WeightSource):
 
 
 class LooplmRun(WeightSource):
-    """A looplm run folder or checkpoint file (its recorded model_config and weights)."""
+    """A looplm run folder or checkpoint file (its recorded model_config and weights); its
+    vocabulary is fixed, as a checkpoint's is: a task with more tokens is an error."""
 
-    def __init__(self, path):
+    def __init__(self, path, overrides: dict | None = None):
         from looplm.io.export import run_model
-        self.config, self._state, _ = run_model(path)
+        cfg, self._state, _ = run_model(path)
+        self.config = _with_overrides(replace(cfg, vocab_from_task=False), overrides or {}, "weight_source")
         self.where = f"the model_config of {str(path)!r}"
 
     def state_dict(self) -> dict:
@@ -119,12 +123,41 @@ class UpcycledCheckpoint(WeightSource):
         return state
 
 
-def _source(path: str, cache_dir: str | None) -> WeightSource:
+KINDS = ("a looplm run folder or checkpoint file, an Ouro-layout Huggingface folder (config.json and "
+         "safetensors), or a hub id 'org/name' in the local Huggingface cache")
+
+
+def _source(path: str, cache_dir: str | None, overrides: dict | None = None) -> WeightSource:
     """A looplm run (folder with checkpoint.pt, or the file) or else an Ouro-layout folder."""
     local = Path(path).expanduser()
-    if local.is_file() or (local / "checkpoint.pt").is_file():
-        return LooplmRun(local)
-    return OuroCheckpoint(path, cache_dir)
+    if local.is_file() or (local / CHECKPOINT_NAME).is_file():
+        return LooplmRun(local, overrides)
+    if local.is_dir() and not (local / folder.CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path!r} is a folder with neither {CHECKPOINT_NAME} nor {folder.CONFIG_NAME}: "
+                                f"allowed are {KINDS}")
+    if not local.exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"{path!r}: no such file or folder; allowed are {KINDS}")
+    try:
+        return OuroCheckpoint(path, cache_dir, overrides)
+    except FileNotFoundError as error:
+        if local.exists():
+            raise
+        raise FileNotFoundError(f"{error}; nor is {path!r} a local file or folder") from None  # 'org/name' mistyped
+
+
+@gin.configurable
+def weight_source(path: str = gin.REQUIRED, cache_dir: str | None = None, **overrides) -> WeightSource:
+    """Whatever `path` holds, for train.init_from: a looplm run or checkpoint, an Ouro-layout
+    folder, or a hub id in the local cache. Its config is the model's; keyword overrides change
+    fields that keep the tensors' shapes, e.g. n_loops=8. `python -m looplm.run --init-from`."""
+    return _source(path, cache_dir, overrides)
+
+
+def init_from_bindings(path: str) -> list[str]:
+    """The gin bindings `--init-from PATH` stands for: the checkpoint gives the weights and the
+    model config (a gin file's model_config is not used)."""
+    return ["train.init_from = @weight_source()", f"weight_source.path = {str(path)!r}",
+            "train.model_config = None"]
 
 
 @gin.configurable
