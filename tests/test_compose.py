@@ -53,6 +53,8 @@ def test_every_gin_file_resolves_to_the_recipe_its_header_names(path, tmp_path):
         cfg = model_config(preset="tiny")
         export_model(cfg, LoopLM(cfg).state_dict(), tmp_path / "hf")
         bindings = [f'OURO_CHECKPOINT = "{tmp_path / "hf"}"', "train.task = @AdditionTask()"]
+    if path.name.startswith("ouro_"):  # the pipeline's text and chats are on the hub (tests/test_pipeline.py: local)
+        bindings = ["train.task = @AdditionTask()"]
     got = resolved(path, bindings)
     assert {k: got[k] for k in want} == want
 
