@@ -47,7 +47,8 @@ def stage_commands(runs: str, binds: list[str], init_from: str | None) -> list[l
             raise ValueError(f"--bind {bind!r}: no stage {match.group(1)!r}; the stages are {', '.join(STAGES)}")
     commands, previous = [], init_from
     for stage in STAGES:
-        argv = ["--gin", str(run.GIN_DIR / f"ouro_{stage}.gin"), *([] if previous is None else ["--init-from", previous])]
+        argv = ["--gin", str(run.GIN_DIR / f"ouro_{stage}.gin")]
+        argv += [] if previous is None else ["--init-from", previous]
         for bind in [*shared, *scoped[stage], f"train.run_dir = {str(Path(runs) / stage)!r}"]:
             argv += ["--bind", bind]
         commands.append(argv)

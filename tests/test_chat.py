@@ -160,4 +160,5 @@ def test_a_model_vocabulary_smaller_than_the_tokenizers_is_a_clear_error(tok_dir
     assert task.vocab_size == len(SPECIAL) + len(WORDS)
     with pytest.raises(ValueError, match=rf"vocab_size=8 is fixed but ChatTask has {task.vocab_size} tokens"):
         train(task=task, model_config=model_config(preset="tiny", vocab_size=8), dry_run=True)
-    assert train(task=task, model_config=model_config(preset="tiny"), dry_run=True)["model"].vocab_size == task.vocab_size
+    sized = train(task=task, model_config=model_config(preset="tiny"), dry_run=True)["model"]
+    assert sized.vocab_size == task.vocab_size

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gin
-import torch
 
 from looplm.data.batch import IGNORE_INDEX, Batch
 from looplm.data.packing import pack
