@@ -1,5 +1,9 @@
 """Atomic checkpoints: everything a run needs to continue exactly where it stopped.
 
+A run of several ranks keeps the model and optimizer tensors as shards in a folder beside the
+file (looplm.dist.state), which the file names under "shards"; `load` puts them back whole when a
+caller requires "model" or "optimizer", so a reader never needs to know how the run was trained.
+
 Checkpoints are read with `torch.load(weights_only=True)`: a file that would need to run code to
 load (a pickle naming a function or class outside torch's allow-list) is refused, and nothing in it
 runs. looplm's own checkpoints hold only tensors and Python primitives, so they need no allow-list.
@@ -13,7 +17,11 @@ from pathlib import Path
 
 import torch
 
+from looplm.dist import shards
+
 CHECKPOINT_NAME = "checkpoint.pt"
+# the two folders sharded saves alternate between (the one checkpoint.pt names is never written)
+SHARD_FOLDERS = ("checkpoint-shards-a", "checkpoint-shards-b")
 _TEMPORARY = re.compile(rf"^\.{re.escape(CHECKPOINT_NAME)}\.tmp-(\d+)$")
 
 
@@ -81,11 +89,29 @@ def load(path: Path, require: tuple[str, ...] = ()) -> dict | None:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a "
                               "checkpoint dict")
+    if "shards" in state and any(key in ("model", "optimizer") and key not in state for key in require):
+        state |= _whole(path, state)
     missing = [key for key in require if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {missing} (it holds {sorted(state)}); "
                               "it was not written by looplm's trainer")
     return state
+
+
+def _whole(path: Path, state: dict) -> dict:
+    """{"model", "optimizer"} of a sharded checkpoint, as full tensors on the CPU."""
+    folder = path.parent / str(state["shards"])
+    try:
+        return shards.unflatten(shards.read_full(folder), state.get("sharded_rest", {}))
+    except (ValueError, RuntimeError, OSError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r} names the shard folder {str(folder)!r}, which "
+                              f"cannot be read ({type(error).__name__}: {str(error)[:300]})") from None
+
+
+def shard_folders(run_dir) -> list[Path]:
+    """Every shard folder a run folder may hold, and their temporaries."""
+    return [Path(run_dir) / f"{prefix}{name}{suffix}" for name in SHARD_FOLDERS
+            for prefix, suffix in (("", ""), (".", ".tmp"))]
 
 
 def resolve(source) -> Path:

@@ -12,6 +12,7 @@ one folder nor overwrites a result with settings it did not train with.
 
 import json
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def prepare(run_dir: Path, existing: str) -> None:
     if existing == "overwrite":
         for name in (checkpoint.CHECKPOINT_NAME, *RESULT_FILES):
             (run_dir / name).unlink(missing_ok=True)
+        for folder in checkpoint.shard_folders(run_dir):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def open_run(run_dir: Path, config: dict, steps: int, existing: str, say) -> dict | None:

@@ -22,7 +22,8 @@ from looplm import checkpoint, compose, train_args
 from looplm import nonfinite as nonfinite_guard
 from looplm.config import ModelConfig, sized_for_task
 from looplm.dist import world as dist_world
-from looplm.dist.parallel import full_state, global_grad_norm, load_full_state, unsharded, wrap
+from looplm.dist.parallel import global_grad_norm, unsharded, wrap
+from looplm.dist.state import Checkpointer
 from looplm.dist.world import World
 from looplm.evaluate import evaluate
 from looplm.model import LoopLM
@@ -192,8 +193,9 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
                 "eval": done.state["last_eval"], "run_dir": str(run_dir),
                 "wall_time": done.state["wall_time"], "preempted": None, "status": "complete"}
     start_step, history, last_eval, wall_before, skipped = 0, [], {}, 0.0, 0
+    checkpointer = Checkpointer(run_dir, world, state)
     if state is not None:
-        load_full_state(step_module, optimizer, state["model"], state["optimizer"])
+        checkpointer.restore(state, step_module, optimizer)
         recipe.load_state_dict(state["recipe"])
         checkpoint.set_rng_state(state["rng"])
         start_step, history, last_eval = state["step"], state["history"], state["last_eval"]
@@ -222,15 +224,11 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         if world.any(bool(bad)):  # never write non-finite weights over the last good checkpoint
             raise nonfinite_guard.NonFiniteError(f"step {step}: parameters became non-finite after "
                                                  f"the update ({', '.join(bad[:5])}); checkpoint not written")
-        model_state, optim_state = full_state(step_module, optimizer)  # collective under FSDP
-        if world.main:
-            checkpoint.save(run_dir / checkpoint.CHECKPOINT_NAME, {
-                "model": model_state, "optimizer": optim_state,
-                "recipe": recipe.state_dict(), "rng": checkpoint.rng_state(), "step": step,
-                "history": history, "last_eval": last_eval, "run_hash": run_hash, "config": config,
-                "model_config": asdict(cfg), "wall_time": wall_time(), "skipped_steps": skipped,
-                "world_size": world.size})
-        world.barrier()
+        checkpointer.save(step_module, optimizer, {  # collective: sharded over the ranks
+            "recipe": recipe.state_dict(), "rng": checkpoint.rng_state(), "step": step,
+            "history": history, "last_eval": last_eval, "run_hash": run_hash, "config": config,
+            "model_config": asdict(cfg), "wall_time": wall_time(), "skipped_steps": skipped,
+            "world_size": world.size})
         last_saved = step
 
     control.started = True
@@ -294,7 +292,7 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
         summary = {"step": step, "train": metrics if step > start_step else {}, "history": history,
                    "eval": last_eval, "run_dir": str(run_dir), "wall_time": wall_time(),
                    "preempted": control.raised or ("another rank" if stopping else None),
-                   "status": status, "skipped_steps": skipped}
+                   "status": status, "skipped_steps": skipped, "world_size": world.size}
         if world.main:
             write_summary(run_dir, {k: v for k, v in summary.items() if k != "history"})
     if status == "complete":

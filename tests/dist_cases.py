@@ -1,12 +1,14 @@
 """The recipes the data-parallel tests train at 1, 2 (DDP and FSDP) and more ranks: one module
 both the test process and the torchrun workers build them from."""
 
+import socket
+
 import gin
 
 from looplm.config import model_config
 from looplm.data import AdditionTask
 from looplm.recipe import GateTraining, Recipe
-from looplm.train import RunControl, train
+from looplm.train import train
 from variants.jacobian import PowerIterationJacobian
 from variants.priors import GeometricPrior, NoPrior
 from variants.random_loops import LogNormalLoops
@@ -44,27 +46,18 @@ CASES = ["full_unroll", "stage2", "sampled_step", "sampled_seq", "random_loops",
          "truncated_k2", "jacobian", "geometric"]
 
 
-class StopAt(AdditionTask):
-    """A pre-emption noticed while step `at` is read: the run checkpoints after it and stops."""
-
-    def __init__(self, at, control, **kw):
-        super().__init__(**kw)
-        self._at, self._control = at, control
-
-    def train_batch(self, step, batch_size):
-        if self._at is not None and step == self._at - 1:
-            self._control.raised = "SIGUSR1"
-        return super().train_batch(step, batch_size)
+def free_port() -> int:
+    """A port for torchrun's rendezvous, free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def run(name: str, run_dir, parallel: str = "none", steps: int = STEPS, stage1=None, stop_at=None,
-        **kw) -> dict:
+def run(name: str, run_dir, parallel: str = "none", steps: int = STEPS, stage1=None, **kw) -> dict:
     gin.clear_config()
     gin.bind_parameter("build_optimizer.lr", 3e-3)
     gin.bind_parameter("lr_multiplier.warmup_steps", 2)
-    control = RunControl()
-    task = StopAt(stop_at, control, n_digits=2, n_eval=16)  # stop_at=None: never stops early
-    args = dict(task=task, control=control, model_config=model_config(**TINY),
+    args = dict(task=AdditionTask(n_digits=2, n_eval=16), model_config=model_config(**TINY),
                 recipe=recipe(name), run_dir=str(run_dir), steps=steps, batch_size=8,
                 eval_every=1000, checkpoint_every=1000, eval_batch_size=16, progress=False, seed=2,
                 parallel=parallel, init_from=str(stage1) if name == "stage2" else None)

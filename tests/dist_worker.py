@@ -9,8 +9,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_cases  # noqa: E402
 
 out, stage1, modes, cases = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(","), sys.argv[4].split(",")
-extra = dict(arg.split("=", 1) for arg in sys.argv[5:])
 for case in cases:
     for mode in modes:
-        kw = {k: int(v) for k, v in extra.items()}
-        dist_cases.run(case, out / f"{case}-{mode}", parallel=mode, stage1=stage1, **kw)
+        dist_cases.run(case, out / f"{case}-{mode}", parallel=mode, stage1=stage1)

@@ -10,8 +10,6 @@ embedding, final norm, gate and head.
 import contextlib
 
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 
 class StepModule(nn.Module):
@@ -68,28 +66,9 @@ def unsharded(step_module):
         yield
 
 
-def full_state(step_module, optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts as full tensors on the CPU, the same for every parallel mode
-    and world size (torch.distributed.checkpoint's state-dict API): a checkpoint written at one
-    world size resumes at any other. Collective under FSDP: every rank must call it."""
-    model = _inner(step_module)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer, options=options)
-
-
-def load_full_state(step_module, optimizer, model_state: dict, optim_state: dict) -> None:
-    """Load full state dicts written by `full_state` (or a one-process run) into any mode."""
-    model = _inner(step_module)
-    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
-    # a parameter that never had a gradient (the embedding under a truncated window) has no AdamW
-    # state to restore: it starts without one, as it was
-    set_optimizer_state_dict(model, optimizer, optim_state,
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def _inner(step_module) -> nn.Module:
-    module = getattr(step_module, "module", step_module)  # DDP holds the step module as .module
-    return module.model
+def inner_model(step_module) -> nn.Module:
+    """The LoopLM inside a step module, however it is wrapped (DDP holds it as .module)."""
+    return getattr(step_module, "module", step_module).model
 
 
 def global_grad_norm(norm) -> float:
