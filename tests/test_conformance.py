@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from looplm.hooks import (BACKPROP_WINDOWS, ESTIMATORS, EXIT_PRIORS, LOOP_COUNTS, NORMS, PLACEMENTS, REGULARIZERS,
-                          ExitPrior, LoopCount, step_generator)
+                          ExitPrior, LoopCount, Regularizer, step_generator, sum_over_ranks)
 from looplm.recipe import UniformPrior
 from looplm.tools.conformance import ConformanceError, check_plugin
 from looplm.tools.conformance.cli import buildability
@@ -150,6 +150,53 @@ def test_battery_checks_declared_statelessness():
 
 def test_global_rng_plugin_conforms_because_the_rng_is_checkpointed():
     check_plugin(SeedDependentLoops(), compose=False)
+
+
+class RowNoise(Regularizer):
+    """A penalty through noise shaped like the rows at hand: per rank, the rank's rows."""
+
+    def apply(self, loss, model, traj, batch, step, seed):
+        x = traj.final_state
+        noise = torch.randn(x.shape, generator=step_generator(seed, step, "row_noise"))
+        return loss + (x * noise).mean() ** 2, {}
+
+
+class DeclaredRowNoise(RowNoise):
+    rank_local = True  # a term per rank, declared: checked rank by rank
+
+
+class LocalScale(Regularizer):
+    """Scales the loss by an EMA of the final state's mean square, learned from its own rows;
+    `summed` learns it from all ranks' rows (looplm.hooks.sum_over_ranks), as one process does."""
+
+    def __init__(self, summed=False):
+        self.summed, self.scale, self._tally = summed, 1.0, [0.0, 0.0]
+
+    def apply(self, loss, model, traj, batch, step, seed):
+        x = traj.final_state.detach()
+        self._tally = [self._tally[0] + float(x.pow(2).sum()), self._tally[1] + x.numel()]
+        return loss * self.scale, {}
+
+    def end_step(self):
+        total, count = sum_over_ranks(self._tally) if self.summed else self._tally
+        self.scale, self._tally = 0.5 * self.scale + 0.5 * total / count, [0.0, 0.0]
+
+    def state_dict(self):
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state):
+        self.scale = state["scale"]
+
+
+def test_battery_catches_a_plugin_that_does_not_agree_across_ranks():
+    """2 forked gloo ranks against one process: a draw shaped like the rank's rows, and state
+    learned from them alone, both fail `data_parallel`; declared or summed over ranks they pass."""
+    report = check_plugin(RowNoise(), compose=False, raise_on_failure=False)
+    assert failed_checks(report) == {"data_parallel"} and "a draw or a statistic per rank" in str(report), report
+    check_plugin(DeclaredRowNoise(), compose=False)
+    report = check_plugin(LocalScale(), compose=False, raise_on_failure=False)
+    assert failed_checks(report) == {"data_parallel"} and "state.regularizer0.scale" in str(report), report
+    check_plugin(LocalScale(summed=True), compose=False)
 
 
 # -- command line --------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ class JacobianRegularizer(Regularizer):
 
     default_mix = False
     double_backward = True
+    # under data parallelism each rank draws its probes over its own rows: an unbiased estimate of
+    # the one-process penalty, not the same number (the conformance battery checks it rank by rank)
+    rank_local = True
 
     def __init__(self, weight: float = 0.1, warmup_steps: int = 0, mix: bool | None = None):
         name = type(self).__name__

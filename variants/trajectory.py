@@ -30,6 +30,11 @@ from looplm.hooks import REGULARIZERS, Regularizer
 class L2Limit(Regularizer):
     """STARS l2_limit: `loss + weight * mean_positions ||x_T - x_{T-1}||_2` at the last loop."""
 
+    # a mean over every position of the rank's rows, which the trainer weights by supervised
+    # tokens: N ranks' term differs from one process's when the ranks' rows mask different numbers
+    # of targets (the conformance battery: 5.317 vs 5.334), so it is checked rank by rank
+    rank_local = True
+
     def __init__(self, weight: float = 1.0):
         if not (is_number(weight) and weight >= 0):
             raise ValueError(f"L2Limit.weight={weight!r} must be a finite number >= 0")

@@ -28,6 +28,17 @@ the slot of its family, the other families at Ouro's defaults. The checks, each 
                   trainer does), torch.load it into *fresh* instances (deep copies of the pristine
                   example) through load_state_dict; both continue for more steps: bit-identical
                   losses and metrics, and equal state_dicts at the end
+    data_parallel the recipe at 2 gloo ranks (forked processes, one row of the batch each, DDP
+                  around the trainer's own step, token-weighted) computes what one process computes
+                  on the whole batch: every step's loss (rel. 1e-5), the all-reduced gradient
+                  (rel. 1e-4) and the recipe's state. It fails a plugin whose draws depend on the
+                  rank's rows (shaped like them, or the global RNG), that learns state from its
+                  own rows without summing over the ranks (looplm.hooks.sum_over_ranks), or that
+                  makes one rank wait in a collective the other skips (a 60 s timeout). A plugin
+                  whose term is by design per rank (random probes over the rank's rows: the
+                  Jacobian regularizers; a mean over all the rank's positions, not its supervised
+                  tokens: l2_limit) declares `rank_local = True`; one process then takes each
+                  rank's rows in turn, and only the rows may differ between ranks.
     compose       with every example of every registered plugin of every other family (and, for a
                   regularizer, stacked with every other regularizer): either `Recipe(...)` rejects
                   the combination with a ValueError whose message says why, or two steps run with
@@ -78,8 +89,9 @@ plugin registered when it runs; by default it first imports every module of the 
 `variants` package (if importable), so an out-of-tree plugin is checked against all of them.
 
 Modules: plugins.py (families, registered plugins, examples), harness.py (the tiny model, the
-batch, `Run`), checks.py (interface, determinism, checkpoint), compose.py, properties.py,
-battery.py (`check_plugin`), report.py, cli.py (`python -m looplm.conformance`).
+batch, `Run`), checks.py (interface, determinism, checkpoint), ranks.py (data_parallel),
+compose.py, properties.py, battery.py (`check_plugin`), report.py, cli.py (`python -m
+looplm.conformance`).
 """
 
 from looplm.tools.conformance.battery import check_plugin

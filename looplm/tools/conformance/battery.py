@@ -12,6 +12,7 @@ from looplm.tools.conformance.harness import SEED, Run, StepFailure, failure_sit
 from looplm.tools.conformance.plugins import (FAMILIES, HOOK_FAMILIES, STRUCTURE_FAMILIES, BuildError, Candidate,
                                               examples, family_of, import_variants)
 from looplm.tools.conformance.properties import PROPERTIES, declared_properties
+from looplm.tools.conformance.ranks import check_data_parallel
 from looplm.tools.conformance.report import ConformanceError, Report
 
 
@@ -120,6 +121,10 @@ def _check_candidate(report: Report, cand: Candidate, compose: bool, prefix: str
         add("checkpoint", check_checkpoint(base, cand, steps))
     except StepFailure as e:
         add("checkpoint", str(e))
+    try:
+        add("data_parallel", check_data_parallel(base, steps))
+    except Exception as e:  # noqa: BLE001
+        add("data_parallel", f"one process: {type(e).__name__}: {e}  [{failure_site(e)}]")
     if compose:
         check_compose(add, cand, base)
     props = declared_properties(cand.proto if cand.family in HOOK_FAMILIES else
