@@ -295,6 +295,8 @@ def train(task=gin.REQUIRED, model_config: ModelConfig | None = None, recipe: Re
                    "status": status, "skipped_steps": skipped, "world_size": world.size}
         if world.main:
             write_summary(run_dir, {k: v for k, v in summary.items() if k != "history"})
+        if status in ("complete", "preempted"):  # states every rank reaches at the same step:
+            world.barrier()  # none exits before rank 0 has written (srun --kill-on-bad-exit)
     if status == "complete":
         bar.summary(last_eval, cfg.n_loops)
     return summary

@@ -12,15 +12,16 @@
 #   run and exits 3; the script then requeues the task (scontrol requeue). Started again, the task
 #   resumes from the checkpoint into the same Aim run. A trainer that exits 3 on its own (it got
 #   SIGTERM directly) is requeued the same way; so is any other exit after the signal but a config
-#   error (a launcher such as torchrun exits 1 once its worker has checkpointed; a trainer still
-#   starting up dies of the signal): the task resumes from its last checkpoint.
+#   error (a launcher such as torchrun exits 1 once its worker has checkpointed, srun
+#   --kill-on-bad-exit may report a rank it ended as 143; a trainer still starting up dies of the
+#   signal): the task resumes from its last checkpoint.
 # - Exit codes: 0 done, 2 config error (never requeued), anything else the trainer's failure.
 #
 # Environment: LOOPLM_ROOT (repository, default $SLURM_SUBMIT_DIR), LOOPLM_PYTHON (default python),
-# LOOPLM_LAUNCHER (a command prefix, e.g. the `srun ... torchrun ...` of a multi-GPU task; see the
-# .slurm files), LOOPLM_FORWARD_SIGNAL (the signal sent on, default USR1; TERM for a launcher that
-# does not pass USR1 on: the trainer checkpoints on either), and the LOOPLM_SWEEP_* overrides of
-# looplm/lab/sweep_cli.py.
+# LOOPLM_LAUNCHER (a command prefix that starts the ranks of a multi-GPU task: `srun
+# --kill-on-bad-exit=1`, or `srun ... torchrun ...`; see the .slurm files), LOOPLM_FORWARD_SIGNAL
+# (the signal sent on, default USR1; TERM for a launcher that does not pass USR1 on: the trainer
+# checkpoints on either), and the LOOPLM_SWEEP_* overrides of looplm/lab/sweep_cli.py.
 
 # The whole script is one { ... } block, so bash reads all of it before running any: editing this
 # file while a sweep runs cannot change what running tasks execute (bash reads scripts lazily).

@@ -54,6 +54,12 @@ def _env_int(*names, default=None):
     return default
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun or srun sets it (0 without a launcher): what a process may
+    read before it joins the group, e.g. to leave shared files to rank 0."""
+    return _env_int("RANK", "SLURM_PROCID", default=0)
+
+
 def _slurm_master() -> str | None:
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodes:
@@ -76,7 +82,7 @@ def init(parallel: str, device: str) -> tuple[World, str]:
             raise ValueError(f"{size} processes were started (WORLD_SIZE/SLURM_NTASKS) but "
                              "train.parallel='none': bind train.parallel = 'ddp' or 'fsdp'")
         return World(), device
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    rank = env_rank()
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     cuda = torch.device(device).type == "cuda"
     if cuda:

@@ -96,10 +96,13 @@ def release_stale_run_lock(repo: str, run_dir: Path) -> None:
 def run_task(sweep: Sweep, task: Task, where: Paths, run_flags: tuple[str, ...] = ()) -> int:
     """Train one task in this process (so a signal sent to it reaches the trainer) and return the
     trainer's exit code: 0 done, 2 config error, 3 pre-empted (checkpointed, start it again).
+    Under a launcher of N ranks (LOOPLM_LAUNCHER) every rank runs this with the same task.
     run_flags: `python -m looplm.run` flags for a run folder that holds a run (--resume, --overwrite)."""
+    from looplm.dist.world import env_rank  # torch: only where a task trains
+
     run_dir = where.run_dir(task)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not where.remote:
+    if not where.remote and env_rank() == 0:  # a task of N ranks: rank 0 alone writes Aim (looplm.dist)
         ensure_repo(where.repo)
         if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
             release_stale_run_lock(where.repo, run_dir)
