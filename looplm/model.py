@@ -183,8 +183,12 @@ class LoopLM(nn.Module):
 
     # -- read-outs --------------------------------------------------------------------------
     def exit_logits(self, gate_input) -> torch.Tensor:
-        """Gate logit per token in float32 (at least): lambda_t = sigmoid(logit)."""
-        return at_least_float32(self.gate(gate_input).squeeze(-1))
+        """Gate logit per token in float32 (at least), under bf16 autocast too: lambda_t =
+        sigmoid(logit), and the exit distribution multiplies (1 - lambda) over the loops, where
+        a bf16 logit's rounding (3 significant digits) would compound."""
+        with torch.autocast(gate_input.device.type, enabled=False):
+            x = at_least_float32(gate_input)
+            return nn.functional.linear(x, self.gate.weight.to(x.dtype), self.gate.bias.to(x.dtype)).squeeze(-1)
 
     def logits(self, state) -> torch.Tensor:
         return self.lm_head(state)

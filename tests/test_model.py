@@ -128,6 +128,18 @@ def test_gate_reads_the_normed_state():
         assert not torch.allclose(got.double(), unnormed, atol=1e-3)
 
 
+def test_gate_logits_stay_float32_under_bf16_autocast():
+    model = make_model().float()
+    h = torch.randn(2, 5, model.cfg.d_model) * 3
+    by_hand = h @ model.gate.weight[0] + model.gate.bias[0]  # float32, no autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model.exit_logits(h)
+        rounded = model.gate(h).squeeze(-1)  # what the gate's linear gives under autocast
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, by_hand, rtol=1e-6, atol=1e-6)
+    assert rounded.dtype == torch.bfloat16 and (rounded.float() - by_hand).abs().max() > 1e-3
+
+
 def test_lm_head_untied_without_bias():
     model = make_model()
     assert model.lm_head.weight is not model.embed.weight
