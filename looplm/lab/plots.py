@@ -53,13 +53,22 @@ MIN_SEEDS_FOR_BAND = 3
 SPREAD_NOTE = "thin lines: seeds, thick: mean, band: min-max over seeds (3 or more)"
 
 
-def _spread(ax, x, curves: np.ndarray, color, label: str, marker: str = "") -> None:
-    """Every seed's curve thin, their mean thick and labelled, min-max band from 3 seeds on."""
+def _spread(ax, x, curves: np.ndarray, color, label: str, marker: str = "", crowded: bool = False) -> None:
+    """Every seed's curve thin, their mean thick and labelled, min-max band from 3 seeds on
+    (fainter in a crowded panel, so that overlapping bands do not hide the means)."""
     for curve in curves:
         ax.plot(x, curve, color=color, lw=0.6, alpha=0.35)
     ax.plot(x, curves.mean(0), marker or "-", color=color, lw=1.8, ms=3, label=f"{label} (n={len(curves)})")
     if len(curves) >= MIN_SEEDS_FOR_BAND:
-        ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.15, lw=0)
+        ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.05 if crowded else 0.15, lw=0)
+
+
+def _legend(ax, n_series: int) -> None:
+    """Inside the panel for a few series, to its right for many (where it would hide the data)."""
+    if n_series > 4:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    else:
+        ax.legend(fontsize=7)
 
 
 def _per_loop_curves(group: Group, name: str) -> np.ndarray:
@@ -79,13 +88,13 @@ def plot_loss_curves(groups: list[Group], path: Path) -> None:
         for g, label, color in members:
             n = min(len(r.loss) for r in g.runs)
             curves = np.stack([_smooth(r.loss[:n], window) for r in g.runs])
-            _spread(ax, g.runs[0].loss_steps[:n], curves, color, label or g.point)
+            _spread(ax, g.runs[0].loss_steps[:n], curves, color, label or g.point, crowded=len(members) > 4)
             all_values.append(curves)
         ax.set_title(panel or "train loss", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (objective)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax, len(members))
     values = np.concatenate([c.ravel() for c in all_values]) if all_values else np.ones(1)
     if values.min() > 0 and values.max() / values.min() > 10:
         for ax in axes.ravel():
@@ -106,7 +115,7 @@ def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
             for g, label, color in members:
                 curves = _per_loop_curves(g, name)
                 loops = np.arange(1, curves.shape[1] + 1)
-                _spread(ax, loops, curves, color, label or g.point, marker="-o")
+                _spread(ax, loops, curves, color, label or g.point, marker="-o", crowded=len(members) > 4)
                 mean = curves.mean(0)
                 T = g.n_loops
                 if 0 < T <= len(mean):
@@ -116,7 +125,7 @@ def plot_accuracy_vs_loops(groups: list[Group], path: Path) -> None:
             ax.set_ylabel(title)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            _legend(ax, len(members))
     for extra in range(len(facets), panel_rows * cols):
         for row in range(2):
             axes[row * panel_rows + extra // cols][extra % cols].axis("off")
@@ -143,7 +152,7 @@ def plot_exit_distribution(groups: list[Group], path: Path) -> None:
         ax.set_ylabel("mean p(exit at t)")
         ax.set_xticks(range(1, max((g.n_loops for g, _, _ in members), default=1) + 1))
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
+        _legend(ax, len(members))
     _finish(fig, axes, len(facets), "exit distribution on held-out data, mean over seeds; "
                                     "error bars: min-max over seeds (3 or more)", path)
 
@@ -160,17 +169,20 @@ def plot_exit_frontier(groups: list[Group], path: Path) -> None:
         ax.set_xlabel("mean exit loop")
         ax.set_ylabel("exact match")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _legend(ax, len(members))
     _finish(fig, axes, len(facets), "early exit: exact match vs mean exit loop\n(mean over seeds)", path)
 
 
 def _finish(fig, axes, n_used: int, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     for ax in axes.ravel()[n_used:]:
         ax.axis("off")
-    fig.suptitle(title, fontsize=11)
+    chars = int(fig.get_figwidth() * 12)  # about what a line of 11-point text fits
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in title.split("\n")), fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
