@@ -34,8 +34,15 @@ def evaluate(model, task, max_loops: int, batch_size: int = 256, max_batches: in
 
     "exit_frontier" scores every token at the loop each early-exit rule picks (looplm.exits;
     default_rules(T) unless `exit_rules` is given, () for none): one dict per rule with its name
-    and threshold, token accuracy, exact match and the mean exit loop, over loops 1..T."""
+    and threshold, token accuracy, exact match and the mean exit loop, over loops 1..T.
+
+    A task may add metrics of its own: `task.eval_metric(model, max_loops)` returns an object whose
+    `add(loop, ce, batch)` sees each loop's per-token cross-entropy (nats, (B, S), 0 where no
+    target; loop 0-based) on every held-out batch and whose `result()` returns more entries
+    (floats, or per-loop lists), logged and summarised like the others (knowledge bits:
+    looplm.data.biographies)."""
     T = min(model.cfg.n_loops, max_loops)
+    extra = task.eval_metric(model, max_loops) if hasattr(task, "eval_metric") else None
     rules = default_rules(T) if exit_rules is None else list(exit_rules)
     ce = torch.zeros(max_loops, dtype=torch.float64)
     correct = torch.zeros(max_loops, dtype=torch.float64)
@@ -53,6 +60,8 @@ def evaluate(model, task, max_loops: int, batch_size: int = 256, max_batches: in
             units = exact_match(hit, batch)
             matched[t] += units.sum().item()
             loop_correct.append(hit)
+            if extra is not None:
+                extra.add(t, loop_ce, batch)
         n_units += units.numel()
         n_tokens += mask.sum().item()
         gates = torch.stack([model.exit_logits(traj.gate_inputs[t]) for t in range(T)], -1)
@@ -70,7 +79,14 @@ def evaluate(model, task, max_loops: int, batch_size: int = 256, max_batches: in
     frontier = [{"rule": rule.label[0], "threshold": rule.label[1], "acc": float(a / n_tokens),
                  "exact_match": float(m / n_units), "mean_loops": float(n / n_tokens)}
                 for rule, (a, m, n) in zip(rules, at_exit)]
-    return {"ce": (ce / n_tokens).tolist(), "acc": (correct / n_tokens).tolist(),
-            "exact_match": (matched / n_units).tolist(), "exit_p": exit_p.tolist(),
-            "exit_mean": float((exit_p * torch.arange(1, T + 1)).sum()),
-            "entropy": exit_entropy / n_tokens, "exit_frontier": frontier}
+    scores = {"ce": (ce / n_tokens).tolist(), "acc": (correct / n_tokens).tolist(),
+              "exact_match": (matched / n_units).tolist(), "exit_p": exit_p.tolist(),
+              "exit_mean": float((exit_p * torch.arange(1, T + 1)).sum()),
+              "entropy": exit_entropy / n_tokens, "exit_frontier": frontier}
+    if extra is not None:
+        added = extra.result()
+        if set(added) & set(scores):
+            raise ValueError(f"{type(task).__name__}.eval_metric returns {sorted(set(added) & set(scores))}, "
+                             f"names evaluate() already uses")
+        scores |= added
+    return scores
