@@ -23,6 +23,7 @@ from looplm.model import LoopLM
 from looplm.optim import build_optimizer
 from looplm.recipe import ExitWeighted, Recipe, UniformPrior
 from looplm.run import parse_config
+from variants.priors import NoPrior
 from variants.sampled_step import SampledStep
 
 CONFIGS = {
@@ -31,6 +32,8 @@ CONFIGS = {
                                                   prior=UniformPrior(0.1)),
     "sampled step, loops 1..t + CE_1 baseline": lambda: Recipe(
         estimator=SampledStep(readout="run", baseline="first_loop"), prior=UniformPrior(0.1)),
+    "sampled step, fixed 1/T (diffusion)": lambda: Recipe(estimator=SampledStep(exit_weights="uniform"),
+                                                          prior=NoPrior()),
 }
 
 
