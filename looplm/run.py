@@ -68,7 +68,7 @@ def describe(built: dict, comp: compose.Composition) -> str:
     lines += [f"  {family:<13} {part}" for family, part in recipe.describe().items()]
     if not recipe.regularizers:
         lines.append(f"  {'regularizers':<13} none")
-    lines.append(f"  {'model':<13} {cfg.n_layers} layers x {cfg.n_loops} loops, d_model {cfg.d_model}, "
+    lines.append(f"  {'model':<13} {cfg.n_layers} layer{'s' * (cfg.n_layers != 1)} x {cfg.n_loops} loops, d_model {cfg.d_model}, "
                  f"{cfg.n_heads} heads, norm {cfg.norm_placement}/{cfg.norm_type}, injection "
                  f"{cfg.input_injection}, prelude {cfg.n_prelude}, coda {cfg.n_coda}")
     lines.append(f"  {'task':<13} {type(built['task']).__name__}, vocab {cfg.vocab_size}")

@@ -14,6 +14,7 @@ from looplm.config import model_config
 from looplm.model import LoopLM
 from looplm.run import GIN_DIR, main, parse_config
 from looplm.train import train
+import variants.truncated  # noqa: F401  LastLoops, bound below as a setting the recipe leaves unused
 
 GIN_FILES = sorted(GIN_DIR.glob("*.gin"))
 
@@ -119,7 +120,7 @@ def test_dry_run_prints_the_recipe_one_line_per_family_and_trains_nothing(tmp_pa
     out = capsys.readouterr().out
     assert code == 0 and not run_dir.exists()
     for line in (r"loop_count\s+LogNormalLoops\(mu=1.7", r"window\s+FullBackprop", r"estimator\s+ExitWeighted",
-                 r"prior\s+UniformPrior", r"regularizer0\s+PowerIterationJacobian", r"model\s+2 layers x 4 loops"):
+                 r"prior\s+UniformPrior", r"regularizer0\s+PowerIterationJacobian", r"model\s+1 layer x 4 loops"):
         assert re.search(line, out), (line, out)
     assert "Recipe.loop_count = @LogNormalLoops()" in out
     assert re.search(r"set but unused.*LastLoops\.k", out), out  # the recipe has no LastLoops
