@@ -3,6 +3,8 @@ deep runs) and deterministic torch."""
 
 import os
 
+import gin
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -18,3 +20,12 @@ torch.set_num_threads(1)
 # One session-wide local Slurm cluster for every test module that asks for it (a fixture imported
 # into two modules would be two fixtures, and the second cluster would find the ports taken).
 from slurm_cluster import slurm_cluster  # noqa: E402, F401
+
+
+@pytest.fixture
+def clean_gin():
+    """gin's global config cleared before and after a test, for modules that parse or bind it
+    (`pytestmark = pytest.mark.usefixtures("clean_gin")`)."""
+    gin.clear_config()
+    yield
+    gin.clear_config()

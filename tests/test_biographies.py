@@ -7,7 +7,6 @@ import math
 import random
 from types import SimpleNamespace
 
-import gin
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,11 +19,7 @@ from looplm.model import LoopLM
 from looplm.run import main
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")  # tests/conftest.py
 
 
 def scored(task: BiographyTask, known: set[str]) -> dict:

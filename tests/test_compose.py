@@ -19,11 +19,7 @@ import variants.truncated  # noqa: F401  LastLoops, bound below as a setting the
 GIN_FILES = sorted(GIN_DIR.glob("*.gin"))
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")  # tests/conftest.py
 
 
 def expected(path: Path) -> dict:

@@ -17,11 +17,7 @@ SMALL = ["TRAIN_STEPS = 3", "train.eval_every = 3", "train.progress = False", "T
          "model_config.d_model = 32", "model_config.n_layers = 1", "model_config.d_ff = 64"]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

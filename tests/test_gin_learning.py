@@ -53,11 +53,7 @@ SIZE = {  # the model and run, whatever the file: a user's quick check
 }
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")  # tests/conftest.py
 
 
 def _query(key: str):

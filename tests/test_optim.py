@@ -13,11 +13,7 @@ from looplm.optim import DEFAULT_WARMUP, build_optimizer, lr_multiplier, warmup_
 from looplm.run import main
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -27,11 +27,7 @@ SMALL = ["TRAIN_STEPS = 5", "train.batch_size = 4", "train.eval_every = 5", "tra
          "model_config.n_loops = 3", "AdditionTask.n_eval = 8"]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")  # tests/conftest.py
 
 
 @pytest.fixture
