@@ -180,3 +180,47 @@ def test_a_tiny_model_memorises_a_small_population(tmp_path):
     bits = summary["eval"]["knowledge_bits"][1]  # at T = 2
     max_bits = BiographyTask(n_people=40).max_bits
     assert bits >= 0.5 * max_bits, f"{bits:.0f} of {max_bits:.0f} bits after 300 steps"
+
+
+def test_the_capacity_sweep_collects_each_runs_bits_and_parameters(tmp_path):
+    """Two tasks of sweeps/capacity.py (looped, iso-parameter), tiny, through `looplm.sweep run`
+    and `collect`: the table's bits per parameter, knowledge bits and parameter counts are each
+    run's own (its summary.json), and the knowledge-capacity plot is drawn."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "LOOPLM_SWEEP_DIR": str(tmp_path / "sweep"), "LOOPLM_AIM_REPO": str(tmp_path / "aim"),
+           "LOOPLM_SWEEP_GRID": "width=d32;model=looped,iso_param", "LOOPLM_SWEEP_SEEDS": "0",
+           "LOOPLM_SWEEP_BIND": "TRAIN_STEPS = 12; BiographyTask.n_people = 20; BiographyTask.n_eval = None; "
+                                "BiographyTask.seq_len = 128; train.eval_every = 6",
+           "OMP_NUM_THREADS": "1"}
+
+    def sweep(*args):
+        proc = subprocess.run([sys.executable, "-m", "looplm.sweep", *args, "sweeps/capacity.py"], cwd=root,
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    for task in ("0", "1"):
+        sweep("run", "--task", task)
+    sweep("collect")
+    out = tmp_path / "sweep" / "results"
+    header, *rows = list(csv.reader((out / "table.csv").open()))
+    col = {name: i for i, name in enumerate(header)}
+    assert [row[0] for row in rows] == ["width=d32,model=looped", "width=d32,model=iso_param"]
+    for row, point in zip(rows, ["width=d32,model=looped", "width=d32,model=iso_param"]):
+        summary = json.loads((tmp_path / "sweep" / f"{point},seed=0" / "summary.json").read_text())
+        T = summary["model"]["n_loops"] if "model" in summary else int(row[col["n_loops"]])
+        assert float(row[col[f"eval_bits_per_param_loop{T}_mean"]]) == pytest.approx(
+            summary["eval"]["bits_per_param"][T - 1], rel=1e-6)
+        assert float(row[col[f"eval_knowledge_bits_loop{T}_mean"]]) == pytest.approx(
+            summary["eval"]["knowledge_bits"][T - 1], rel=1e-6)
+        bits, per_param = summary["eval"]["knowledge_bits"][T - 1], summary["eval"]["bits_per_param"][T - 1]
+        assert float(row[col["n_params_mean"]]) == pytest.approx(bits / per_param, rel=1e-6)
+    assert [row[col["n_loops"]] for row in rows] == ["4", "1"]
+    table = (out / "table.md").read_text()
+    assert "Bits of knowledge per parameter (BiographyTask) per loop count" in table
+    assert (out / "knowledge_capacity.png").stat().st_size > 10_000

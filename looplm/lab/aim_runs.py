@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from looplm.lab.paths import is_remote
+from looplm.tracking import FRONTIER_KEYS
 
 EVAL_PER_LOOP = ("ce", "acc", "exact_match")
-FRONTIER_METRICS = {"exit_acc": "acc", "exit_exact_match": "exact_match", "exit_loops": "mean_loops"}
+KNOWLEDGE_PER_LOOP = ("knowledge_bits", "bits_per_param")  # BiographyTask's eval (the capacity sweep)
 PER_TASK_HPARAMS = {"seed", "task", "task_id", "run_dir"}  # what the seeds of one grid point differ in
 PER_TASK_BINDINGS = {"train.seed", "train.run_dir", "train.hparams"}
 
@@ -49,6 +50,7 @@ class RunResult:
     steps: int  # the configured number of steps
     n_loops: int  # trained T
     created: float
+    n_params: float = math.nan
     sweep_id: str | None = None  # the sweep's id (looplm.lab.declaration.Sweep.id); None outside a sweep
     config: dict = field(default_factory=dict)  # run_config of its hparams
     loss_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
@@ -106,9 +108,9 @@ def read_run(run) -> RunResult:
                        point=str(hp.get("grid_point", "all")), seed=int(hp.get("seed", 0)),
                        run_dir=str(hp.get("run_dir", "")), steps=int(hp.get("steps", 0)),
                        n_loops=int(hp.get("model", {}).get("n_loops", 0)), created=float(run.creation_time),
+                       n_params=float(hp.get("n_params", math.nan)),
                        sweep_id=hp.get("sweep_id"), config=run_config(hp))
     evals: dict[tuple, tuple] = {}
-    frontier: dict[tuple, dict] = {}
     for metric in run.metrics():
         context = metric.context.to_dict()
         subset = context.get("subset")
@@ -120,25 +122,21 @@ def read_run(run) -> RunResult:
                 result.wall_s = float(values[-1])  # the trainer's seconds, summed over requeues
             elif len(values):
                 result.tokens_per_s = float(values[1:].mean() if len(values) > 1 else values[0])
-        elif subset == "eval" and "exit_rule" in context and metric.name in FRONTIER_METRICS:
-            steps, (values,) = metric.data.view("val").numpy()
-            if len(steps):
-                key = (context["exit_rule"], context["threshold"])
-                point = frontier.setdefault(key, {"rule": key[0], "threshold": key[1]})
-                point[FRONTIER_METRICS[metric.name]] = float(values[-1])
         elif subset == "eval":
             steps, (values,) = metric.data.view("val").numpy()
             if len(steps):
                 evals[metric.name, context.get("loop")] = (int(steps[-1]), float(values[-1]))
     if evals:
         result.eval_step = min(step for step, _ in evals.values())
-        for name in (*EVAL_PER_LOOP, "exit_p"):
+        for name in (*EVAL_PER_LOOP, *KNOWLEDGE_PER_LOOP, "exit_p"):
             loops = sorted(loop for n, loop in evals if n == name and loop is not None)
             result.eval[name] = [evals[name, loop][1] for loop in loops]
         for name in ("exit_mean", "entropy"):
             if (name, None) in evals:
                 result.eval[name] = evals[name, None][1]
-    result.frontier = [p for p in frontier.values() if len(p) == 5]
+    stored = run.get("exit_frontier") or {}
+    if stored.get("step") == result.eval_step:  # the last evaluation's, not an earlier one's
+        result.frontier = [{k: p[k] for k in FRONTIER_KEYS} for p in stored["points"]]
     return result
 
 

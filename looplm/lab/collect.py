@@ -33,7 +33,8 @@ from looplm.lab.aim_runs import RunResult, dedupe, open_aim, read_experiment
 from looplm.lab.declaration import Sweep, load
 from looplm.lab.groups import Expected, Group, MixedRuns, group_runs
 from looplm.lab.paths import paths
-from looplm.lab.plots import plot_accuracy_vs_loops, plot_exit_distribution, plot_exit_frontier, plot_loss_curves
+from looplm.lab.plots import (plot_accuracy_vs_loops, plot_exit_distribution, plot_exit_frontier,
+                              plot_knowledge_capacity, plot_loss_curves)
 from looplm.lab.tables import LOOP_TABLES, SUMMARY_HEADER, csv_rows, loop_rows, markdown, summary_rows
 
 
@@ -105,6 +106,8 @@ def write_results(out: Path, experiment: str, groups: list[Group], results, coun
     loop_tables = []
     for name, title, fmt in LOOP_TABLES:
         loop_header, loops = loop_rows(groups, name, fmt)
+        if len(loop_header) == 1:  # no run has this metric (the knowledge bits outside BiographyTask)
+            continue
         title = f"{title} per loop count (* trained T)"
         loop_tables.append((title, loop_header, loops))
         loop_table = Table(*loop_header, title=title)
@@ -138,6 +141,8 @@ def write_results(out: Path, experiment: str, groups: list[Group], results, coun
     plot_accuracy_vs_loops(groups, out / "accuracy_vs_loops.png")
     plot_exit_distribution(groups, out / "exit_distribution.png")
     plot_exit_frontier(groups, out / "exit_frontier.png")
+    if any(g.per_loop("knowledge_bits") for g in groups):
+        plot_knowledge_capacity(groups, out / "knowledge_capacity.png")
 
 
 def main(argv=None) -> int:

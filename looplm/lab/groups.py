@@ -47,6 +47,7 @@ class Group:
     def scalar(self, name: str):
         getters = {"train_loss": lambda r: float(r.loss[-1]) if len(r.loss) else math.nan,
                    "tokens_per_s": lambda r: r.tokens_per_s, "wall_s": lambda r: r.wall_s,
+                   "n_params": lambda r: r.n_params,
                    "exit_mean": lambda r: r.eval.get("exit_mean", math.nan),
                    "entropy": lambda r: r.eval.get("entropy", math.nan),
                    "gate_loops": lambda r: loops_to_full_depth(r.frontier).get("q_exit") if r.frontier else None}

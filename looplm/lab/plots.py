@@ -173,6 +173,35 @@ def plot_exit_frontier(groups: list[Group], path: Path) -> None:
     _finish(fig, axes, len(facets), "early exit: exact match vs mean exit loop\n(mean over seeds)", path)
 
 
+def plot_knowledge_capacity(groups: list[Group], path: Path) -> None:
+    """Knowledge bits at the trained T against parameters (Allen-Zhu & Li's Figure 1, Ouro's Capo):
+    one panel, the first grid axis along each line (the sizes), a line per value of the others."""
+    fig, axes, _ = _figure(1, width=6.0, height=4.2)
+    ax = axes[0][0]
+    lines: dict = {}
+    for panel, members in _facets([g for g in groups if g.runs]):
+        for g, label, color in members:
+            T = g.n_loops
+            bits = [r.eval["knowledge_bits"][T - 1] for r in g.runs if len(r.eval.get("knowledge_bits", [])) >= T]
+            params = [r.n_params for r in g.runs if len(r.eval.get("knowledge_bits", [])) >= T]
+            if bits:
+                ax.plot(params, bits, ".", color=color, alpha=0.4, ms=5)
+                lines.setdefault(label or g.point, (color, []))[1].append((np.mean(params), np.mean(bits)))
+    for label, (color, points) in lines.items():
+        x, y = zip(*sorted(points))
+        ax.plot(x, y, "-o", color=color, lw=1.8, ms=4, label=label)
+    every = [p for _, points in lines.values() for p, _ in points]
+    if every:
+        x = np.geomspace(min(every), max(every), 20)
+        ax.plot(x, 2 * x, "k--", lw=0.8, label="2 bits / parameter (Allen-Zhu & Li)")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (embeddings and head included)")
+    ax.set_ylabel("knowledge bits at the trained T")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(lines) + 1)
+    _finish(fig, axes, 1, "knowledge memorised vs parameters\ndots: seeds, line: mean over seeds", path)
+
+
 def _finish(fig, axes, n_used: int, title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 

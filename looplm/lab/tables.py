@@ -3,12 +3,12 @@ CSV with every number."""
 
 import math
 
-from looplm.lab.aim_runs import EVAL_PER_LOOP
+from looplm.lab.aim_runs import EVAL_PER_LOOP, KNOWLEDGE_PER_LOOP
 from looplm.lab.groups import Group
 
 SCALARS = [("train_loss", "train loss", "{:.4f}"), ("exit_mean", "exit mean", "{:.2f}"),
            ("entropy", "exit entropy", "{:.3f}"), ("gate_loops", "Q-exit loops at full acc", "{:.2f}"),
-           ("tokens_per_s", "tokens/s", "{:,.0f}"),
+           ("n_params", "params", "{:,.0f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
            ("wall_s", "wall s", "{:.0f}")]
 
 
@@ -54,15 +54,18 @@ def loop_rows(groups: list[Group], name: str, fmt: str) -> tuple[list[str], list
 
 
 LOOP_TABLES = [("ce", "eval ce", "{:.3f}"), ("acc", "eval token accuracy", "{:.1%}"),
-               ("exact_match", "eval exact match", "{:.1%}")]
+               ("exact_match", "eval exact match", "{:.1%}"),
+               ("knowledge_bits", "knowledge bits (BiographyTask)", "{:,.0f}"),
+               ("bits_per_param", "bits of knowledge per parameter (BiographyTask)", "{:.3f}")]
 
 
 def csv_rows(groups: list[Group]) -> tuple[list[str], list[list]]:
     depth = max((len(g.per_loop("ce")) for g in groups), default=0)
+    per_loop = [n for n in (*EVAL_PER_LOOP, *KNOWLEDGE_PER_LOOP) if any(g.per_loop(n) for g in groups)]
     header = ["grid_point", "n_seeds", "n_expected", "n_loops"]
     for key, _, _ in SCALARS:
         header += [f"{key}_mean", f"{key}_std"]
-    for name in EVAL_PER_LOOP:
+    for name in per_loop:
         for t in range(1, depth + 1):
             header += [f"eval_{name}_loop{t}_mean", f"eval_{name}_loop{t}_std"]
     rows = []
@@ -70,7 +73,7 @@ def csv_rows(groups: list[Group]) -> tuple[list[str], list[list]]:
         row = [g.point, len(g.runs), g.expected, g.n_loops]
         for key, _, _ in SCALARS:
             row += list(g.scalar(key)[:2])
-        for name in EVAL_PER_LOOP:
+        for name in per_loop:
             stats = g.per_loop(name)
             for t in range(depth):
                 row += list(stats[t][:2]) if t < len(stats) else [math.nan, math.nan]
