@@ -24,11 +24,12 @@ def nonfinite_terms(metrics: dict) -> list[str]:
     = nan`): the per-loop CE, the exit distribution, the prior's entropy, each regularizer."""
     found = []
     for name, value in metrics.items():
-        if isinstance(value, (list, tuple)):
-            bad = [t for t, v in enumerate(value, start=1) if not _is_finite(v)]
+        if isinstance(value, (list, tuple, dict)):
+            per_loop = dict(value) if isinstance(value, dict) else dict(enumerate(value, start=1))
+            bad = [t for t, v in per_loop.items() if not _is_finite(v)]
             if bad:
                 found.append(f"{name} at loop{'s' * (len(bad) > 1)} {', '.join(map(str, bad))} = "
-                             f"{value[bad[0] - 1]}")
+                             f"{per_loop[bad[0]]}")
         elif not _is_finite(value):
             found.append(f"{name} = {value}")
     return found

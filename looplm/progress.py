@@ -9,6 +9,9 @@ from looplm.exits import frontier_table
 
 
 def _loops(values, fmt="{:.3f}") -> str:
+    """Per-loop values: a list (every loop) or {loop: value} (the loops a sampled step read)."""
+    if isinstance(values, dict):
+        return " ".join(f"{t}:{fmt.format(v)}" for t, v in sorted(values.items()))
     return " ".join(fmt.format(v) for v in values)
 
 

@@ -68,17 +68,21 @@ def _autocast(device: str, precision: str):
 
 def _weighted_mean(metric_dicts: list[dict], weights: list[float], world: World) -> dict:
     """Token-weighted mean of the micro-batches' metrics over all ranks (each rank holds the same
-    keys and per-loop list lengths, so the sums travel as one flat vector)."""
-    layout = [(key, len(v) if isinstance(v, list) else None) for key, v in metric_dicts[0].items()]
-    flat = [0.0] * (1 + sum(n or 1 for _, n in layout))
+    keys, per-loop list lengths and {loop: value} keys, so the sums travel as one flat vector)."""
+    def parts(v):
+        return list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else [v]
+
+    first = metric_dicts[0]
+    flat = [0.0] * (1 + sum(len(parts(v)) for v in first.values()))
     for m, w in zip(metric_dicts, weights):
-        values = [x for key, n in layout for x in (m[key] if n is not None else [m[key]])]
+        values = [x for key in first for x in parts(m[key])]
         flat = [a + w * float(v) for a, v in zip(flat, [1.0, *values])]
     flat = world.sum(flat)
     total, values, out = flat[0] or 1.0, iter(flat[1:]), {}
-    for key, n in layout:
-        picked = [next(values) / total for _ in range(n or 1)]
-        out[key] = picked if n is not None else picked[0]
+    for key, v in first.items():
+        picked = [next(values) / total for _ in parts(v)]
+        out[key] = (dict(zip(v, picked)) if isinstance(v, dict) else picked if isinstance(v, list)
+                    else picked[0])
     return out
 
 
@@ -314,7 +318,7 @@ def _warn_untrained(named_trainable, bar) -> None:
 def _evaluate(model, task, loops, batch_size, max_batches, step, n_loops, tracker, bar) -> dict:
     scores = evaluate(model, task, loops, batch_size, max_batches)
     logged = dict(scores)
-    tracker.log_frontier(logged.pop("exit_frontier"), step, {"subset": "eval"})
+    tracker.log_frontier(logged.pop("exit_frontier"), step)
     tracker.log(logged, step, {"subset": "eval"})
     em = scores["exact_match"][n_loops - 1]
     bar.note(f"eval @ {step}: exact match at T={n_loops}: {em:.2%}, "

@@ -240,9 +240,10 @@ def test_concurrent_tasks_lose_no_run_and_no_metric(local_sweep):
         expected |= {(name, "eval", t) for name in ("ce", "acc", "exact_match") for t in range(1, 2 * T + 1)}
         expected |= {("exit_p", "eval", t) for t in range(1, T + 1)}
         expected |= {("exit_mean", "eval", (None, None)), ("entropy", "eval", (None, None))}
-        expected |= {(name, "eval", rule.label) for name in ("exit_acc", "exit_exact_match", "exit_loops")
-                     for rule in default_rules(T)}
         assert set(series) == expected
+        frontier = run["exit_frontier"]  # one structured value for the last evaluation's frontier
+        assert frontier["step"] == STEPS
+        assert [(p["rule"], p["threshold"]) for p in frontier["points"]] == [rule.label for rule in default_rules(T)]
         for (name, subset, loop), steps in series.items():
             assert steps == (train_steps if subset == "train" else eval_steps), (name, subset, loop)
 

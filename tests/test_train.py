@@ -2,6 +2,7 @@
 Stage II from a Stage I checkpoint, Aim tracking, and config errors that stop before training."""
 
 import contextlib
+import json
 import os
 import signal
 
@@ -150,8 +151,13 @@ def test_aim_run_holds_per_loop_and_eval_metrics(tmp_path):
         tracked[(trace.name, tuple(sorted(trace.context.to_dict().items())))] = trace.data.indices_list()
     assert tracked[("ce", (("loop", 2), ("subset", "train")))] == [0, 1, 2, 3]
     assert ("exact_match", (("loop", 6), ("subset", "eval"))) in tracked
-    for metric in ("exit_acc", "exit_exact_match", "exit_loops"):
-        assert tracked[(metric, (("exit_rule", "q_exit"), ("subset", "eval"), ("threshold", 0.5)))] == [4]
+    assert not {"exit_acc", "exit_exact_match", "exit_loops"} & {name for name, _ in tracked}
+    frontier = repo.get_run(hashes[0])["exit_frontier"]  # one structured value, not 57 series
+    assert frontier["step"] == 4
+    assert ("q_exit", 0.5) in {(p["rule"], p["threshold"]) for p in frontier["points"]}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert frontier["points"] == [{k: p[k] for k in ("rule", "threshold", "acc", "exact_match", "mean_loops")}
+                                  for p in summary["eval"]["exit_frontier"]]
 
 
 @pytest.mark.parametrize("binding, message", [

@@ -246,6 +246,11 @@ class SampledStep(LossEstimator):
         drawn = drawn[:, None, None].expand(*ro.mask.shape, 1)  # each row's drawn loop among the slots
         drawn_ce, drawn_ok = ce.gather(-1, drawn).squeeze(-1), correct.gather(-1, drawn).squeeze(-1)
         self._record(slots, ce, mask)
+        if not self.per_sequence:  # every row read the same loops: per-loop train metrics of those
+            read = {int(at[0]): k for k, (at, _) in enumerate(slots)}
+            metrics["ce"] = {t: float((ce[..., k] * mask).sum() / n_tok) for t, k in sorted(read.items())}
+            metrics["acc"] = {t: float((correct[..., k].to(dtype) * mask).sum() / n_tok)
+                              for t, k in sorted(read.items())}
         return loss, metrics | {
             "sampled_loop": loops.double().mean().item(), "sampled_ce": float((drawn_ce * mask).sum() / n_tok),
             "sampled_acc": float((drawn_ok.to(dtype) * mask).sum() / n_tok), "q_t": q[loops - 1].mean().item(),
