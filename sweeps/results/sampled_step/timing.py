@@ -21,7 +21,7 @@ import torch
 from looplm.data import AdditionTask
 from looplm.model import LoopLM
 from looplm.optim import build_optimizer
-from looplm.recipe import ExitWeighted, Recipe, UniformPrior
+from looplm.recipe import ExitWeighted, GateTraining, Recipe, UniformPrior
 from looplm.run import parse_config
 from variants.priors import NoPrior
 from variants.sampled_step import SampledStep
@@ -34,6 +34,8 @@ CONFIGS = {
         estimator=SampledStep(readout="run", baseline="first_loop"), prior=UniformPrior(0.1)),
     "sampled step, fixed 1/T (diffusion)": lambda: Recipe(estimator=SampledStep(exit_weights="uniform"),
                                                           prior=NoPrior()),
+    "Stage II (gin/stage2_gate.gin: LM frozen, gate only)": lambda: Recipe(estimator=GateTraining(),
+                                                                           prior=NoPrior()),
 }
 
 
@@ -41,14 +43,17 @@ def seconds(make_recipe, steps, task, cfg):
     torch.manual_seed(0)
     model = LoopLM(cfg)
     recipe = make_recipe()
-    opt = build_optimizer(model.named_parameters(), lr=2e-3)
+    trainable = {id(p) for p in recipe.trainable_parameters(model)}  # as train() freezes
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    opt = build_optimizer(model.named_parameters(), lr=2e-3)  # frozen ones only name-check no_decay
     start = time.process_time()
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         loss, _ = recipe.loss(model, task.train_batch(step, 64), step)
         loss.backward()
         recipe.estimator.end_step()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
     return (time.process_time() - start) / steps
 
