@@ -12,8 +12,8 @@ every token. Like Ouro's public code, the frontier runs all T loops and then sel
 it measures accuracy against the mean exit loop, not saved compute. A new rule is one class
 registered with `@EXIT_RULES.register("name")`.
 
-Every evaluation during training records the frontier of `default_rules(T)` (Aim metrics
-exit_acc / exit_exact_match / exit_loops, and summary.json); `python -m looplm.exits RUN_DIR ...`
+Every evaluation during training records the frontier of `default_rules(T)` (the Aim run value
+exit_frontier, and summary.json); `python -m looplm.exits RUN_DIR ...`
 tabulates and plots finished runs side by side.
 """
 

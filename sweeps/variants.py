@@ -23,7 +23,7 @@ SWEEP = Sweep(
             "full_unroll": Bundle(),  # the baseline: base only
             "random_loops": Bundle(gin=["gin/random_loops.gin"]),
             "truncated": Bundle(gin=["gin/truncated.gin"]),
-            "sampled_step": Bundle(gin=["gin/sampled_step.gin"]),
+            "sampled_step": Bundle(gin=["gin/sampled_step_gate.gin"]),
             "prior_geometric": Bundle(gin=["gin/prior_geometric.gin"]),
             "jacobian": Bundle(gin=["gin/jacobian.gin"]),
             "pre_norm": ["import variants.norms", 'model_config.norm_placement = "pre_norm"'],

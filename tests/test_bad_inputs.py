@@ -61,7 +61,7 @@ def test_own_checkpoints_load_with_weights_only(reference_run, tmp_path):
     proposal's and Min-SNR's EMAs), load with torch.load(weights_only=True): no allow-list needed."""
     stateful = ["SampledStep.proposal = @ImprovementProposal()", "SampledStep.weighting = @MinSNRWeighting()",
                 'MinSNRWeighting.snr = "ema"']
-    code, err = run_cli(argv_of(Case("stateful", stateful, "", gin="gin/sampled_step.gin"), tmp_path / "run"))
+    code, err = run_cli(argv_of(Case("stateful", stateful, "", gin="gin/sampled_step_gate.gin"), tmp_path / "run"))
     assert code == 0, err
     for run in (reference_run, tmp_path / "run"):
         path = run / checkpoint.CHECKPOINT_NAME

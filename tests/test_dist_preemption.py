@@ -30,7 +30,7 @@ TINY = ["Tracker.enabled = False", "model_config.d_model = 32", "model_config.n_
 
 def argv(run_dir: Path, parallel: str) -> list[str]:
     binds = [*RECIPE, *TINY, f"train.run_dir = '{run_dir}'", f"train.parallel = '{parallel}'"]
-    return ["--gin", "gin/sampled_step.gin", *(arg for b in binds for arg in ("--bind", b))]
+    return ["--gin", "gin/sampled_step_gate.gin", *(arg for b in binds for arg in ("--bind", b))]
 
 
 def torchrun(run_dir: Path, log: Path, ranks: int = 2) -> subprocess.Popen:
