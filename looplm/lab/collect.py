@@ -94,8 +94,9 @@ def count_runs(results: list[RunResult], expected: list[Expected] | None):
 
 
 def write_results(out: Path, experiment: str, groups: list[Group], results, counted, problems, expected,
-                  console) -> None:
-    """Print the tables; write table.csv, runs.csv, table.md and the plots into `out`."""
+                  console) -> list[str]:
+    """Print the tables; write table.csv, runs.csv, table.md and the plots into `out`; returns
+    the names written."""
     from rich.table import Table
 
     header, rows = SUMMARY_HEADER, summary_rows(groups)
@@ -137,12 +138,13 @@ def write_results(out: Path, experiment: str, groups: list[Group], results, coun
         md += ["", "## Missing or failed tasks", ""] + [f"- `{task}`: {why}" for task, why in problems]
     (out / "table.md").write_text("\n".join(md) + "\n")
 
-    plot_loss_curves(groups, out / "loss_curves.png")
-    plot_accuracy_vs_loops(groups, out / "accuracy_vs_loops.png")
-    plot_exit_distribution(groups, out / "exit_distribution.png")
-    plot_exit_frontier(groups, out / "exit_frontier.png")
+    plots = {"loss_curves.png": plot_loss_curves, "accuracy_vs_loops.png": plot_accuracy_vs_loops,
+             "exit_distribution.png": plot_exit_distribution, "exit_frontier.png": plot_exit_frontier}
     if any(g.per_loop("knowledge_bits") for g in groups):
-        plot_knowledge_capacity(groups, out / "knowledge_capacity.png")
+        plots["knowledge_capacity.png"] = plot_knowledge_capacity
+    for name, draw in plots.items():
+        draw(groups, out / name)
+    return ["table.csv", "table.md", "runs.csv", *plots]
 
 
 def main(argv=None) -> int:
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
         print(f"collect error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    write_results(out, args.experiment, groups, results, counted, problems, expected, console)
+    written = write_results(out, args.experiment, groups, results, counted, problems, expected, console)
 
     for r in superseded:
         console.print(f"note: run {r.run_hash} of task {r.task} superseded by a later or longer one")
@@ -194,8 +196,7 @@ def main(argv=None) -> int:
     for r in other_sweeps:
         console.print(f"note: run {r.run_hash} ({r.task}) belongs to sweep {r.sweep_id}, not {sweep.id}: left out",
                       highlight=False)
-    console.print(f"wrote {out}/table.csv, table.md, runs.csv, loss_curves.png, accuracy_vs_loops.png, "
-                  "exit_distribution.png, exit_frontier.png", highlight=False)
+    console.print(f"wrote {out}/{', '.join(written)}", highlight=False)
     if problems:
         console.print(f"[bold red]{len(problems)} missing or failed task(s):[/]")
         for task, why in problems:
