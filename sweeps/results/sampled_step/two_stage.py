@@ -1,6 +1,6 @@
 """Issue 13's benchmark for the two-stage configuration: the diffusion objective
-(gin/sampled_step.gin, formerly sampled_step_diffusion.gin; no gate in the loss) stopped at a step, then Ouro's Stage II
-(gin/stage2_gate.gin, LM frozen) trains the gate from that checkpoint. Against full unroll at the
+(gin/sampled_step.gin, formerly sampled_step_diffusion.gin; no gate in the loss) stopped at a
+step, then Ouro's Stage II (gin/stage2_gate.gin, LM frozen) trains the gate from that checkpoint. Against full unroll at the
 same seed: final exact match at T, training FLOPs and wall time of both stages together, and the
 exit entropy after Stage II.
 
