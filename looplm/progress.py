@@ -39,8 +39,8 @@ class TrainProgress:
         self.bar.update(self.task, completed=step)
 
     def update(self, step: int, metrics: dict) -> None:
-        status = (f"loss {metrics['loss']:.4f} | ce/loop {_loops(metrics.get('ce', []))} "
-                  f"| {metrics['tokens_per_s']:,.0f} tok/s")
+        per_loop = f" | ce/loop {_loops(metrics['ce'])}" if metrics.get("ce") else ""  # none per sequence
+        status = f"loss {metrics['loss']:.4f}{per_loop} | {metrics['tokens_per_s']:,.0f} tok/s"
         self.bar.update(self.task, completed=step + 1, status=status)
         if self.enabled and not self.live and (step + 1) % self.log_every == 0:
             self.note(f"step {step + 1}: {status}")

@@ -74,9 +74,12 @@ def test_a_signal_to_one_rank_stops_both_ranks_and_the_run_resumes_at_any_world_
     finally:
         agent.kill()
     text = log.read_text()
-    # torchrun lists each worker's exit code: both ranks exited 3 (pre-empted, checkpointed)
-    assert sorted(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", text)) == \
-        [("0", "3"), ("1", "3")], text
+    # torchrun lists each worker's exit code. Both ranks stop with 3 (pre-empted, checkpointed)
+    # after a barrier that each reaches with its shard saved and that rank 0 reaches with
+    # summary.json written (checked below); the first to exit makes torchrun terminate the other
+    # (SIGTERM, -15) if it has not exited yet, which under load is common.
+    codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank.*\n\s*exitcode\s*:\s*(-?\d+)", text))
+    assert set(codes) == {"0", "1"} and set(codes.values()) <= {"3", "-15"} and "3" in codes.values(), text
     state = checkpoint.load(run_dir / checkpoint.CHECKPOINT_NAME)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 4 <= state["step"] < STEPS and state["world_size"] == 2 and "model" not in state, text
