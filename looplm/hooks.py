@@ -185,7 +185,7 @@ class LossEstimator(Plugin):
 
 
 class Regularizer(Plugin):
-    double_backward = False  # differentiates a gradient (a VJP inside the loss): FSDP2 cannot run it
+    backward_in_loss = False  # takes a VJP inside the loss (a backward in the forward): FSDP2 cannot
 
     def apply(self, loss: torch.Tensor, model, traj, batch, step: int, seed: int) -> tuple[torch.Tensor, dict]:
         """Return the loss with this term added (or mixed in) and metrics about the term; random

@@ -61,13 +61,14 @@ def test_two_ranks_match_one_process(runs, case, mode):
     assert changed, "the run trained nothing"
 
 
-def test_fsdp_refuses_a_double_backward_regularizer_with_a_clear_error(tmp_path):
+def test_fsdp_refuses_a_vjp_inside_the_loss_with_a_clear_error(tmp_path):
     torchrun_fails = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={dist_cases.free_port()}",
          str(HERE / "dist_worker.py"), str(tmp_path), str(tmp_path), "fsdp", "jacobian"],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert torchrun_fails.returncode != 0
-    assert "train.parallel='fsdp' cannot train PowerIterationJacobian" in torchrun_fails.stderr
+    assert "train.parallel='fsdp' cannot train PowerIterationJacobian(" in torchrun_fails.stderr
+    assert "PowerIterationJacobian.mode = 'jvp'" in torchrun_fails.stderr  # names the form that runs
 
 
 @pytest.mark.parametrize("case", ["sampled_seq", "random_loops", "sampled_step"])

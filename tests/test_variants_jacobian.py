@@ -46,10 +46,13 @@ def test_hutchinson_mean_is_frobenius_squared(setup):
         assert float(samples.std()) == pytest.approx(exact_sd, rel=0.15)
 
 
-def test_stars_one_iteration_is_frobenius_over_n(setup):
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+def test_stars_one_iteration_is_frobenius_over_n(setup, mode):
+    """Both reads of the one probe, ||J^T v||^2 (STARS) and ||J v||^2 (forward mode), have the mean
+    ||J||_F^2 / n and the same spread."""
     model, _, _, g, x, J = setup
     n_entries = x.numel()
-    reg = PowerIterationJacobian(iterations=1)
+    reg = PowerIterationJacobian(iterations=1, mode=mode)
     xs = x.clone().requires_grad_()
     samples = torch.stack([reg.estimate(g, xs, gen(i)).detach() for i in range(1500)])
     se = float(samples.std()) / math.sqrt(len(samples))
@@ -58,8 +61,12 @@ def test_stars_one_iteration_is_frobenius_over_n(setup):
     # ... and it is the normalised-probe VJP written out by hand
     v = torch.randn(x.shape, generator=gen(0), dtype=torch.float32).double()
     v = v / v.norm()
-    by_hand = (J.T @ v.flatten()).pow(2).sum()
+    by_hand = ((J.T if mode == "vjp" else J) @ v.flatten()).pow(2).sum()
     torch.testing.assert_close(samples[0], by_hand)
+    # Var over v uniform on the sphere: (2 tr(M^2) - 2 tr(M)^2 / n) / (n (n + 2)), M = J^T J or J J^T
+    M = J.T @ J
+    exact_var = (2 * float((M @ M).trace()) - 2 * float(M.trace()) ** 2 / n_entries) / (n_entries * (n_entries + 2))
+    assert float(samples.var()) == pytest.approx(exact_var, rel=0.15)
 
 
 def non_normal_map_with_complex_dominant_pair():
@@ -98,8 +105,9 @@ def test_iterating_j_transpose_alone_oscillates_on_this_map():
     assert max(late) < 0.99 * float(torch.linalg.matrix_norm(A, ord=2)) ** 2
 
 
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
 @pytest.mark.parametrize("make_map", ["complex_pair", "loop_map"])
-def test_stars_iterations_converge_to_squared_spectral_norm(make_map, setup):
+def test_stars_iterations_converge_to_squared_spectral_norm(make_map, mode, setup):
     """iterations = k > 1 is power iteration on J^T J: the estimate rises monotonically (Rayleigh
     quotients of a PSD matrix) to sigma_max(J)^2, on a non-normal linear map with a complex
     dominant pair and on the real loop map of a tiny stack."""
@@ -111,10 +119,33 @@ def test_stars_iterations_converge_to_squared_spectral_norm(make_map, setup):
     want = float(torch.linalg.matrix_norm(A, ord=2)) ** 2
     xs = x.clone().requires_grad_()
     ks = (1, 2, 3, 5, 8, 13, 21, 34)  # the same start v for every k: one power-iteration sequence
-    got = [float(PowerIterationJacobian(iterations=k).estimate(g, xs, gen(0)).detach()) for k in ks]
+    got = [float(PowerIterationJacobian(iterations=k, mode=mode).estimate(g, xs, gen(0)).detach()) for k in ks]
     assert all(b >= a * (1 - 1e-9) for a, b in zip(got, got[1:])), got
     assert got[-1] == pytest.approx(want, rel=1e-6), (got[-5:], want)
     assert got[0] < 0.9 * want  # the one-probe start is well below: convergence is what the rounds do
+
+
+def test_stars_forward_mode_gradient_matches_exact_jacobian_gradient(setup):
+    """d/dtheta ||J v||^2 (mode="jvp", reverse over forward) equals the same from the explicit
+    Jacobian, at the probe the VJP form reads."""
+    model, _, _, g, x, _ = setup
+    params = [p for p in model.layers.parameters()] + list(model.final_norm.parameters())
+    reg = PowerIterationJacobian(mode="jvp").estimate(g, x, gen(4))
+    v = torch.randn(x.shape, generator=gen(4), dtype=torch.float32).double().flatten()
+    J = torch.autograd.functional.jacobian(lambda u: g(u.view_as(x)).flatten(), x.flatten(), create_graph=True)
+    exact = (J @ (v / v.norm())).pow(2).sum()
+    torch.testing.assert_close(reg, exact)
+    for a, b in zip(torch.autograd.grad(reg, params), torch.autograd.grad(exact, params)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_which_estimators_take_a_backward_inside_the_loss():
+    """What train.parallel='fsdp' refuses: a VJP in the loss; the forward-mode reads run."""
+    takes = {"stars vjp": PowerIterationJacobian(), "stars jvp k=2": PowerIterationJacobian(mode="jvp", iterations=2),
+             "hutchinson vjp": HutchinsonJacobian(mode="vjp"), "spectral": SpectralJacobian()}
+    forward = {"stars jvp": PowerIterationJacobian(mode="jvp"), "hutchinson jvp": HutchinsonJacobian(mode="jvp")}
+    assert all(r.backward_in_loss for r in takes.values())
+    assert not any(r.backward_in_loss for r in forward.values())
 
 
 def test_stars_converged_gradient_is_that_of_the_squared_spectral_norm():
@@ -163,10 +194,11 @@ def test_hutchinson_gradient_matches_exact_jacobian_gradient(setup):
 
 
 @pytest.mark.parametrize("reg", [PowerIterationJacobian(weight=0.1, iterations=2),
+                                 PowerIterationJacobian(weight=0.1, mode="jvp"),
                                  HutchinsonJacobian(weight=0.01, probes=2, mode="jvp"),
                                  HutchinsonJacobian(weight=0.01, mode="vjp"),
                                  SpectralJacobian(weight=0.1, iterations=3)],
-                         ids=["stars", "hutchinson_jvp", "hutchinson_vjp", "spectral"])
+                         ids=["stars", "stars_jvp", "hutchinson_jvp", "hutchinson_vjp", "spectral"])
 def test_regularizer_gradient_reaches_parameters_only(reg):
     torch.manual_seed(0)
     model = LoopLM(model_config("tiny"))
@@ -223,6 +255,7 @@ def test_rejects_gate_only_training():
     (lambda: PowerIterationJacobian(iterations=0), "iterations=0"),
     (lambda: PowerIterationJacobian(warmup_steps=-1), "warmup_steps=-1"),
     (lambda: HutchinsonJacobian(mode="fd"), "mode='fd'"),
+    (lambda: PowerIterationJacobian(mode="fd"), "mode='fd'"),
     (lambda: HutchinsonJacobian(probes=0), "probes=0"),
     (lambda: SpectralJacobian(iterations=0), "iterations=0"),
 ])

@@ -16,7 +16,10 @@ trajectory. Three estimators, each named for what it computes:
                          the squared spectral norm. (Iterating u = J^T v on its own output, as
                          REFERENCE 4 once read, is power iteration on J^T: it oscillates when J's
                          dominant eigenvalues are a complex pair and converges to |lambda_max|^2
-                         <= sigma_max^2 otherwise.)
+                         <= sigma_max^2 otherwise.) mode="jvp" reads the same probe forwards,
+                         reg = ||J v||^2: for a square J the same mean tr(J^T J) / n and the same
+                         variance (J^T J and J J^T share their eigenvalues), but its gradient is
+                         reverse over forward mode, no double backward, so FSDP2 can train it.
     hutchinson_jacobian  HutchinsonJacobian: the unscaled estimate of ||J||_F^2 = E||J eps||^2
                          (mode="jvp", forward mode) or E||J^T eps||^2 (mode="vjp"), eps ~ N(0, I),
                          averaged over `probes`. Its size grows with n = B*S*d: a weight that
@@ -31,7 +34,11 @@ mix=True (STARS, the default of stars_jacobian): loss <- (1 - weight) * loss + w
 mix=False: loss <- loss + weight * reg. Mixing scales everything added before it in
 Recipe.regularizers too. Probes are drawn from `step_generator(recipe seed, step, name)`.
 
-Implementation notes: the double backward that the penalty's gradient needs is not implemented
+Implementation notes: a VJP inside the loss (mode="vjp", power iteration) runs a backward pass
+in the forward, which FSDP2's hooks cannot run (they reshard the parameters it used): such an
+instance declares `backward_in_loss`, and train.parallel='fsdp' refuses it; the forward-mode
+estimators (PowerIterationJacobian(mode="jvp", iterations=1), HutchinsonJacobian(mode="jvp")) run
+under FSDP. The double backward that the VJP penalties' gradient needs is not implemented
 for PyTorch's fused attention kernels (e.g. `_scaled_dot_product_flash_attention_for_cpu_backward`),
 so g runs under `sdpa_kernel(SDPBackend.MATH)`; for the same reason these regularisers cannot
 run through `torch.compile`d layers (train.compile=True). Each costs extra stack applications
@@ -74,11 +81,15 @@ def _gram_power(g, x: torch.Tensor, w: torch.Tensor, rounds: int) -> torch.Tenso
     return w.detach()
 
 
+def _jvp_norm2(g, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """||J w||^2 by forward mode, differentiable w.r.t. the parameters (reverse over forward)."""
+    return torch.func.jvp(g, (x.detach(),), (w,))[1].pow(2).sum()
+
+
 class JacobianRegularizer(Regularizer):
     """Shared arguments, warm-up, mixing and probe seeding; subclasses implement `estimate`."""
 
     default_mix = False
-    double_backward = True
     # under data parallelism each rank draws its probes over its own rows: an unbiased estimate of
     # the one-process penalty, not the same number (the conformance battery checks it rank by rank)
     rank_local = True
@@ -95,6 +106,11 @@ class JacobianRegularizer(Regularizer):
         if mix and weight > 1:
             raise ValueError(f"{name}.weight={weight} must be <= 1 with mix=True (it is a mixing weight)")
         self.weight, self.warmup_steps, self.mix = float(weight), warmup_steps, mix
+
+    @property
+    def backward_in_loss(self) -> bool:
+        """Whether the estimate takes a VJP (a backward pass inside the loss)."""
+        return True
 
     def validate(self, recipe):
         if recipe.estimator.trains == "gate":
@@ -133,19 +149,32 @@ class PowerIterationJacobian(JacobianRegularizer):
     of ||J||_F^2 / n). `iterations` = k > 1 first refines v by k - 1 rounds of power iteration on
     J^T J (without graph), so that reg -> sigma_max^2; only the last VJP keeps a graph
     (create_graph=True), and once v has converged the envelope theorem makes its gradient that of
-    sigma_max^2."""
+    sigma_max^2. mode="jvp" reads the last probe forwards instead, reg = ||J w||^2 (w = v at k = 1,
+    else the refined right singular vector): the same mean, variance and limit, without a double
+    backward."""
 
     default_mix = True
+    MODES = ("vjp", "jvp")
 
-    def __init__(self, weight: float = 0.1, warmup_steps: int = 0, iterations: int = 1, mix: bool = True):
+    def __init__(self, weight: float = 0.1, warmup_steps: int = 0, iterations: int = 1, mix: bool = True,
+                 mode: str = "vjp"):
         super().__init__(weight, warmup_steps, mix)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"PowerIterationJacobian.iterations={iterations!r} must be an integer >= 1")
-        self.iterations = iterations
+        if mode not in self.MODES:
+            raise ValueError(f"PowerIterationJacobian.mode={mode!r}; choose 'vjp' (STARS' ||J^T v||^2) or "
+                             "'jvp' (||J v||^2, forward mode: the same mean and variance, no double backward)")
+        self.iterations, self.mode = iterations, mode
+
+    @property
+    def backward_in_loss(self) -> bool:
+        return self.mode == "vjp" or self.iterations > 1
 
     def estimate(self, g, x, generator):
-        y = g(x)
         v = _unit(self.normal_like(x, generator))
+        if self.mode == "jvp":
+            return _jvp_norm2(g, x, _gram_power(g, x, v, self.iterations - 1))
+        y = g(x)
         if self.iterations > 1:
             with torch.no_grad():
                 (u,) = torch.autograd.grad(y, x, v, retain_graph=True)
@@ -156,7 +185,7 @@ class PowerIterationJacobian(JacobianRegularizer):
 
     def describe(self):
         return (f"PowerIterationJacobian(weight={self.weight}, warmup_steps={self.warmup_steps}, "
-                f"mix={self.mix}, iterations={self.iterations})")
+                f"mix={self.mix}, iterations={self.iterations}, mode={self.mode!r})")
 
 
 @REGULARIZERS.register("hutchinson_jacobian")
@@ -176,6 +205,10 @@ class HutchinsonJacobian(JacobianRegularizer):
             raise ValueError(f"HutchinsonJacobian.mode={mode!r}; choose 'jvp' (||J eps||^2, forward mode) "
                              "or 'vjp' (||J^T eps||^2, reverse mode)")
         self.probes, self.mode = probes, mode
+
+    @property
+    def backward_in_loss(self) -> bool:
+        return self.mode == "vjp"
 
     def probe_values(self, g, x, generator, probes: int | None = None) -> torch.Tensor:
         """||J eps_i||^2 (or ||J^T eps_i||^2) for each probe: (probes,), differentiable. The probes
@@ -210,10 +243,7 @@ class SpectralJacobian(JacobianRegularizer):
         self.iterations = iterations
 
     def estimate(self, g, x, generator):
-        x = x.detach()
-        v = _gram_power(g, x, _unit(self.normal_like(x, generator)), self.iterations)
-        _, jv = torch.func.jvp(g, (x,), (v,))
-        return jv.pow(2).sum()
+        return _jvp_norm2(g, x, _gram_power(g, x, _unit(self.normal_like(x, generator)), self.iterations))
 
     def describe(self):
         return f"SpectralJacobian(weight={self.weight}, iterations={self.iterations})"

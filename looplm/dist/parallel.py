@@ -40,11 +40,13 @@ def wrap(model, recipe, parallel: str, device: str, rows: slice | None = None,
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        needs = [type(r).__name__ for r in recipe.regularizers if r.double_backward]
+        needs = [r.describe() for r in recipe.regularizers if r.backward_in_loss]
         if needs:
-            raise ValueError(f"train.parallel='fsdp' cannot train {', '.join(needs)}: its double backward "
-                             "(a gradient inside the loss) crashes under FSDP2's hooks (SIGSEGV seen on "
-                             "torch 2.13, gloo); use train.parallel='ddp'")
+            raise ValueError(f"train.parallel='fsdp' cannot train {', '.join(needs)}: it takes a VJP inside "
+                             "the loss, a backward pass in the forward that FSDP2's hooks cannot run (they "
+                             "reshard the parameters it used); its forward-mode form trains under FSDP "
+                             "(PowerIterationJacobian.mode = 'jvp' with iterations = 1, or "
+                             "HutchinsonJacobian.mode = 'jvp'), or use train.parallel='ddp'")
 
         for layer in [*model.prelude, *model.layers, *model.coda]:
             fully_shard(layer)
