@@ -96,10 +96,11 @@ def reference_generate(model, prompt, max_new, rule, T, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rule", [None, QExit(0.6), StateChangeExit(0.9), StaticExit(2)])
-def test_batched_early_exit_equals_one_row_reference(mode, rule):
+@pytest.mark.parametrize("compact_below", [0.0, 0.5, 1.0])  # exited rows ride along / mixed / leave at once
+def test_batched_early_exit_equals_one_row_reference(mode, rule, compact_below):
     model = make_model(n_coda=1) if mode == "per_loop" and rule is not None else make_model()
     T = model.cfg.n_loops
-    out = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule, cache=mode)
+    out = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule, cache=mode, compact_below=compact_below)
     computed = 0
     with torch.no_grad():
         for prompt, new, loops in zip(PROMPTS, out.tokens, out.exit_loops):
@@ -223,7 +224,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
                  "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
-                 "--long", "10", "--repeats", "1", "--exit-batch", "2", "--json", str(out)])
+                 "--long", "10", "--repeats", "1", "--exit-batch", "2", "--compact", "0,1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["decode"]] == [1, 2]
@@ -231,5 +232,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     memory = {r["mode"]: r["bytes"] for r in report["memory"]}
     assert memory["per_loop"] == 3 * memory["last"] == 3 * memory["average"]
     assert report["early_exit"][0]["rule"] == "all" and report["early_exit"][0]["mean_loops"] == 3
+    assert {(r["rule"], r["compact_below"]) for r in report["compact"]} == {
+        (r["rule"], share) for r in report["early_exit"][1:] for share in (0.0, 1.0)}
     assert "| cache mode |" in capsys.readouterr().out
     assert main(["--prompt", "0"]) == 2

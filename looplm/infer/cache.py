@@ -42,31 +42,36 @@ class StaticKVCache:
                              f"written and {n_new} more do not fit")
         self._pos, self._end = self.length, self.length + n_new
 
-    def view(self, rows: torch.Tensor | None = None) -> "CacheRows":
-        """What a LoopContext carries: the cache as seen by `rows` (None: every row)."""
-        return CacheRows(self, rows)
+    def view(self, rows: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> "CacheRows":
+        """What a LoopContext carries: the cache as seen by `rows` (None: every row); `keep`
+        (indices into those rows, None: all) are the rows whose keys and values are stored."""
+        return CacheRows(self, rows, keep)
 
     def key(self, slot: tuple) -> tuple:
         if self.mode != "per_loop" and slot[0] in LOOPED_STAGES:
             return slot[0], slot[2]
         return slot
 
-    def write(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, rows) -> tuple:
-        """Store k, v (rows, kv_heads, n_new, head_dim) at the step's positions; return the keys
-        and values of positions [0, end) for those rows."""
+    def write(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, rows, keep=None) -> tuple:
+        """Store k, v (rows, kv_heads, n_new, head_dim) at the step's positions, only those of
+        `keep` (indices into rows) when given; return the keys and values of positions [0, end)
+        for all of `rows` (a kept-out row reads what its slot held: its output is not used)."""
         key = self.key(slot)
         if key not in self.buffers:
             shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
             self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
         kb, vb = self.buffers[key]
         new = slice(self._pos, self._end)
-        if rows is None:
-            kb[:, :, new], vb[:, :, new] = k, v
+        to, wk, wv = rows, k, v
+        if keep is not None:
+            to, wk, wv = keep if rows is None else rows[keep], k[keep], v[keep]
+        if to is None:
+            kb[:, :, new], vb[:, :, new] = wk, wv
         else:
-            kb[:, :, new].index_copy_(0, rows, k)
-            vb[:, :, new].index_copy_(0, rows, v)
+            kb[:, :, new].index_copy_(0, to, wk)
+            vb[:, :, new].index_copy_(0, to, wv)
         if self.mode in ("first", "average") and slot[0] in LOOPED_STAGES:
-            self._stash_update(key, slot[1], k, v, rows)
+            self._stash_update(key, slot[1], wk, wv, to)
         if rows is None:
             return kb[:, :, :self._end], vb[:, :, :self._end]
         return kb[:, :, :self._end].index_select(0, rows), vb[:, :, :self._end].index_select(0, rows)
@@ -149,8 +154,8 @@ class StaticKVCache:
 class CacheRows:
     """The cache seen by a subset of rows: what Attention calls `update(slot, k, v)` on."""
 
-    def __init__(self, cache: StaticKVCache, rows):
-        self.cache, self.rows = cache, rows
+    def __init__(self, cache: StaticKVCache, rows, keep=None):
+        self.cache, self.rows, self.keep = cache, rows, keep
 
     def update(self, slot, k, v):
-        return self.cache.write(slot, k, v, self.rows)
+        return self.cache.write(slot, k, v, self.rows, self.keep)

@@ -5,7 +5,10 @@ cache, their results scattered back into full-batch records).
 
 What that saves depends on the batch: a step whose rows have all exited stops (batch 1 saves
 nearly T / mean loops), while a loop that still has live rows reads every weight, so on a CPU
-at small batches (weight-bandwidth bound) fewer rows cost little less.
+at small batches (weight-bandwidth bound) fewer rows cost little less. Gathering the live rows
+copies every cached key and value they attend to (for each slot, read and written once more):
+while most rows are still live it is cheaper to carry the exited ones along and drop their
+results and keys (COMPACT_BELOW).
 
 Rows leave only at single-token (decode) steps: in a prefill the tokens of one row exit at
 different loops but later loops still attend to all of them, so a prefill runs every loop and
@@ -22,6 +25,11 @@ import torch
 
 from looplm.infer.cache import StaticKVCache
 from looplm.model import LoopContext
+
+# Gather the live rows into a smaller batch once they are at most this share of the rows being
+# computed; above it, carrying the exited rows along costs less than gathering every cached key
+# and value of the live rows (python -m looplm.infer.bench --compact races the choices).
+COMPACT_BELOW = 0.5
 
 
 @dataclass
@@ -46,23 +54,29 @@ def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
         dst.index_copy_(0, rows, src)
 
 
-def _rows_context(full: LoopContext, cache: StaticKVCache, rows) -> LoopContext:
+def _rows_context(full: LoopContext, cache: StaticKVCache, rows, keep=None) -> LoopContext:
+    """The context of a loop run on `rows` (None: all), storing keys and values for `keep`."""
     if rows is None:
-        return full
+        return full if keep is None else LoopContext(rope=full.rope, mask=full.mask, cache=cache.view(None, keep),
+                                                     injected=full.injected)
     cos, sin = full.rope
     mask = None if full.mask is None else full.mask[rows]
-    return LoopContext(rope=(cos[rows], sin[rows]), mask=mask, cache=cache.view(rows),
+    return LoopContext(rope=(cos[rows], sin[rows]), mask=mask, cache=cache.view(rows, keep),
                        injected=None if full.injected is None else full.injected[rows])
 
 
 @torch.no_grad()
 def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None,
-         active: torch.Tensor | None = None, skip: bool = True) -> StepResult:
+         active: torch.Tensor | None = None, skip: bool = True,
+         compact_below: float = COMPACT_BELOW) -> StepResult:
     """Run `ids` (B, S) through `n_loops` loops, appending their keys and values to `cache`.
 
     rule: an exit rule (None: every token reads out at loop n_loops). active: indices of the rows
     to compute (None: all); the others sit the step out. skip=False computes every loop for every
-    row even with a rule (the rule then only selects, as in Ouro's code)."""
+    row even with a rule (the rule then only selects, as in Ouro's code). compact_below: when
+    rows exit, the live rows are gathered into a smaller batch once they are at most this share
+    of the rows computed so far; above it the exited rows ride along, their results and keys
+    discarded (the same tokens either way; only the speed differs)."""
     B, S = ids.shape
     if B != cache.batch:
         raise ValueError(f"ids have {B} rows but the cache was made for {cache.batch}")
@@ -73,47 +87,51 @@ def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None
     cos, sin = model.rotary(positions.flatten(), x.dtype)
     rope = (cos.view(B, 1, S, -1), sin.view(B, 1, S, -1))
     full = LoopContext(rope=rope, mask=cache.valid_mask(S), cache=cache.view())
-    live = active
-    ctx = _rows_context(full, cache, live)
+    computed = active  # the rows of x
+    ctx = _rows_context(full, cache, computed)
     x = model._run(model.prelude, x, ctx, ("prelude",))
     if model.inject is not None:
         injected_all = x.new_zeros(B, S, x.shape[-1])
-        injected_all[slice(None) if live is None else live] = x
+        injected_all[slice(None) if computed is None else computed] = x
         full.injected = injected_all
-        ctx = _rows_context(full, cache, live)
+        ctx = _rows_context(full, cache, computed)
         x = torch.zeros_like(x)
     device = ids.device
     exit_loops = torch.full((B, S), T, dtype=torch.long, device=device)
     loops_run = torch.zeros(B, dtype=torch.long, device=device)
     out = x.new_zeros(B, S, x.shape[-1])
     if rule is not None:  # full-batch records: the rule is asked about every row at once
-        alive = torch.ones(B, dtype=torch.bool, device=device) if live is None else \
-            torch.zeros(B, dtype=torch.bool, device=device).index_fill_(0, live, True)
+        alive = torch.ones(B, dtype=torch.bool, device=device) if computed is None else \
+            torch.zeros(B, dtype=torch.bool, device=device).index_fill_(0, computed, True)
         decided = torch.zeros(B, S, dtype=torch.bool, device=device)
         gates = x.new_zeros(B, S, T, dtype=torch.promote_types(x.dtype, torch.float32))
         history = x.new_zeros(T, B, S, x.shape[-1])  # read-out state of each loop
     for t in range(1, T + 1):
         x, z = model.recurrence(x, ctx, loop=t - 1)
-        _put(loops_run, live, torch.full_like(loops_run if live is None else live, t))
         if rule is None:
+            _put(loops_run, computed, torch.full_like(loops_run if computed is None else computed, t))
             if t == T:
-                _put(out, live, model._readout_states(x, z, ctx, t)[0])
+                _put(out, computed, model._readout_states(x, z, ctx, t)[0])
             continue
+        loops_run.masked_fill_(alive, t)
         h, g = model._readout_states(x, z, ctx, t)
-        _put(history[t - 1], live, h)
-        _put(gates[:, :, t - 1], live, model.exit_logits(g).to(gates.dtype))
+        _put(history[t - 1], computed, h)
+        _put(gates[:, :, t - 1], computed, model.exit_logits(g).to(gates.dtype))
         fired = fired_by(rule, gates, list(history[:t]), t, T) if t < T else torch.ones_like(decided)
         new = fired & ~decided & alive[:, None]
         exit_loops.masked_fill_(new, t)
         decided |= new
         out = torch.where(new[..., None], history[t - 1], out)
         if skip and S == 1 and t < T and bool(new.any()):
-            before = alive.clone()
             alive &= ~new[:, 0]
-            stay = alive[before]  # over the rows of x, in order
-            live, x = torch.nonzero(alive).squeeze(1), x[stay]
+            live = torch.nonzero(alive).squeeze(1)
             if live.numel() == 0:
                 break
-            ctx = _rows_context(full, cache, live)
+            among = alive if computed is None else alive[computed]  # over the rows of x, in order
+            if live.numel() <= compact_below * among.numel():
+                computed, x = live, x[among]
+                ctx = _rows_context(full, cache, computed)
+            else:
+                ctx = _rows_context(full, cache, computed, keep=torch.nonzero(among).squeeze(1))
     cache.finish(loops_run, T)
     return StepResult(states=out, exit_loops=exit_loops, loops_run=loops_run)
