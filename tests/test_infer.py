@@ -224,7 +224,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
                  "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
-                 "--long", "10", "--repeats", "1", "--exit-batch", "2", "--compact", "0,1", "--json", str(out)])
+                 "--long", "10", "--repeats", "1", "--exit-batches", "2", "--compact", "0,1", "--json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["decode"]] == [1, 2]

@@ -102,15 +102,30 @@ def measure(model, args) -> dict:
                                "concat_tok_s": batch * n / t_old, "speedup": t_old / t_new, "same_tokens": same})
         print(f"{args.long} tokens batch {batch}: static cache {batch * n / t_new:.0f} tok/s, concatenating "
               f"{batch * n / t_old:.0f} tok/s (same tokens: {same})", flush=True)
+    for batch in args.exit_batches:
+        early_exit(model, args, batch, report)
+    prompts = random_prompts(cfg.vocab_size, args.exit_batches[0], args.prompt).tolist()
+    for mode in MODES:
+        out = generate(model, prompts, args.new, cache=mode)
+        report["memory"].append({"mode": mode, "batch": len(prompts), "max_len": args.prompt + args.new,
+                                 "bytes": out.cache_bytes})
+    return report
+
+
+def decode_seconds(out) -> float:
+    """The decode steps' CPU time: the prefill (every loop, all prompt tokens) left out."""
+    return out.cpu_seconds - out.prefill_cpu_seconds
+
+
+def early_exit(model, args, batch: int, report: dict) -> None:
+    """Each exit rule's decode speed-up over all-T next to the ideal T / mean loops, and with
+    --compact the same for each share below which exited rows leave the batch."""
+    T = model.cfg.n_loops
     rules = [None, *[QExit(q) for q in args.q], *[StateChangeExit(tau) for tau in args.tau]]
-    batch = args.exit_batch
-    prompts = random_prompts(cfg.vocab_size, batch, args.prompt).tolist()
+    prompts = random_prompts(model.cfg.vocab_size, batch, args.prompt).tolist()
     names = ["all" if rule is None else f"{rule.label[0]}={rule.label[1]:g}" for rule in rules]
     times = race(args.repeats, {name: (lambda rule=rule: generate(model, prompts, args.new, exit_rule=rule))
                                 for name, rule in zip(names, rules)})
-    def decode_seconds(out):  # the decode steps' CPU time: the prefill (all loops, 64 tokens) left out
-        return out.cpu_seconds - out.prefill_cpu_seconds
-
     base = decode_seconds(times["all"][1])
     for name in names:
         out = times[name][1]
@@ -119,20 +134,17 @@ def measure(model, args) -> dict:
                "speedup": base / seconds, "ideal": T / out.decode_mean_loops}
         row["efficiency"] = row["speedup"] / row["ideal"]
         report["early_exit"].append(row)
-        print(f"exit {name}: {row['tok_s']:.0f} decode tok/s, mean loops {row['mean_loops']:.2f}, speed-up "
-              f"{row['speedup']:.2f}x of ideal {row['ideal']:.2f}x", flush=True)
+        print(f"exit {name} batch {batch}: {row['tok_s']:.0f} decode tok/s, mean loops {row['mean_loops']:.2f}, "
+              f"speed-up {row['speedup']:.2f}x of ideal {row['ideal']:.2f}x", flush=True)
     for share in args.compact:  # when exited rows leave the batch (looplm.infer.step.COMPACT_BELOW)
-        contenders = {name: (lambda rule=rule: generate(model, prompts, args.new, exit_rule=rule, compact_below=share))
+        contenders = {name: (lambda rule=rule: generate(model, prompts, args.new, exit_rule=rule,
+                                                        compact_below=share))
                       for name, rule in zip(names, rules) if rule is not None}
         for name, (_, out) in race(args.repeats, contenders).items():
             report["compact"].append({"rule": name, "batch": batch, "compact_below": share,
                                       "speedup": base / decode_seconds(out)})
-            print(f"exit {name}, compact_below {share:g}: speed-up {base / decode_seconds(out):.2f}x", flush=True)
-    for mode in MODES:
-        out = generate(model, prompts, args.new, cache=mode)
-        report["memory"].append({"mode": mode, "batch": batch, "max_len": args.prompt + args.new,
-                                 "bytes": out.cache_bytes})
-    return report
+            print(f"exit {name} batch {batch}, compact_below {share:g}: speed-up {base / decode_seconds(out):.2f}x",
+                  flush=True)
 
 
 def table(report: dict) -> str:
@@ -180,8 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--long", type=int, default=512, help="total length of the concatenating-cache race")
-    parser.add_argument("--long-batches", type=_ints, default=[1, 8])
-    parser.add_argument("--exit-batch", type=int, default=8)
+    parser.add_argument("--long-batches", type=_ints, default=[1, 8, 64])
+    parser.add_argument("--exit-batches", type=_ints, default=[1, 8, 64])
     parser.add_argument("--q", type=_floats, default=[0.5, 0.7, 0.9])
     parser.add_argument("--tau", type=_floats, default=[0.25])
     parser.add_argument("--compact", type=_floats, default=[],
@@ -190,13 +202,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the report to this JSON file")
     args = parser.parse_args(argv)
-    bad = [f"--{k}={v}" for k, v in (("prompt", args.prompt), ("new", args.new), ("repeats", args.repeats),
-                                     ("exit-batch", args.exit_batch)) if v < 1]
-    bad += [f"--batches={b}" for b in args.batches + args.long_batches if b < 1]
+    bad = [f"--{k}={v} must be >= 1" for k, v in (("prompt", args.prompt), ("new", args.new),
+                                                  ("repeats", args.repeats)) if v < 1]
+    lists = (("batches", args.batches), ("long-batches", args.long_batches), ("exit-batches", args.exit_batches))
+    bad += [f"--{name}={b} must be >= 1" for name, batches in lists for b in batches if b < 1]
+    bad += ["--exit-batches lists no batch (the memory table uses its first)"] if not args.exit_batches else []
     if args.long <= args.prompt:
-        bad.append(f"--long={args.long} (must exceed --prompt={args.prompt})")
+        bad.append(f"--long={args.long} must exceed --prompt={args.prompt}")
     if bad:
-        print(f"error: {bad[0]} must be >= 1", file=sys.stderr)
+        print(f"error: {bad[0]}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,7 +29,7 @@ from looplm.model import LoopContext
 # Gather the live rows into a smaller batch once they are at most this share of the rows being
 # computed; above it, carrying the exited rows along costs less than gathering every cached key
 # and value of the live rows (python -m looplm.infer.bench --compact races the choices).
-COMPACT_BELOW = 0.5
+COMPACT_BELOW = 0.75
 
 
 @dataclass
