@@ -224,7 +224,8 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
                  "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
-                 "--long", "10", "--repeats", "1", "--exit-batches", "2", "--compact", "0,1", "--json", str(out)])
+                 "--long", "10", "--repeats", "1", "--exit-batches", "2", "--compact", "0,1", "--json", str(out),
+                 "--plot", str(tmp_path / "decode.png")])
     assert code == 0
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["decode"]] == [1, 2]
@@ -235,4 +236,5 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     assert {(r["rule"], r["compact_below"]) for r in report["compact"]} == {
         (r["rule"], share) for r in report["early_exit"][1:] for share in (0.0, 1.0)}
     assert "| cache mode |" in capsys.readouterr().out
+    assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--prompt", "0"]) == 2

@@ -172,6 +172,32 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path) -> None:
+    """Decode tokens/s against mean loops computed, a panel per batch size: each exit rule's
+    points, all-T, and the ideal (all-T tokens/s times T / mean loops) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(dict.fromkeys(r["batch"] for r in report["early_exit"]))
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.4), squeeze=False)
+    T = report["model"]["n_loops"]
+    for ax, batch in zip(axes[0], batches):
+        rows = [r for r in report["early_exit"] if r["batch"] == batch]
+        base = next(r for r in rows if r["rule"] == "all")["tok_s"]
+        loops = [1 + i * (T - 1) / 50 for i in range(51)]
+        ax.plot(loops, [base * T / x for x in loops], "k--", lw=0.8, label="ideal: all-T x T / loops")
+        for family in dict.fromkeys(r["rule"].split("=")[0] for r in rows):
+            points = sorted((r["mean_loops"], r["tok_s"]) for r in rows if r["rule"].split("=")[0] == family)
+            ax.plot(*zip(*points), "o-" if family != "all" else "ks", ms=4, label=family)
+        ax.set(title=f"batch {batch}", xlabel="mean loops computed per token", ylabel="decode tokens/s")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -201,6 +227,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the report to this JSON file")
+    parser.add_argument("--plot", help="write tokens/s against mean loops per exit rule to this PNG file")
     args = parser.parse_args(argv)
     bad = [f"--{k}={v} must be >= 1" for k, v in (("prompt", args.prompt), ("new", args.new),
                                                   ("repeats", args.repeats)) if v < 1]
@@ -233,6 +260,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 
