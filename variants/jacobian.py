@@ -50,6 +50,7 @@ per step: stars_jacobian 1 forward + `iterations` VJPs + `iterations - 1` JVPs, 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from looplm.config import is_integer
 from looplm.hooks import REGULARIZERS, Regularizer, step_generator
 
 
@@ -98,8 +99,7 @@ class JacobianRegularizer(Regularizer):
         name = type(self).__name__
         if not weight >= 0:
             raise ValueError(f"{name}.weight={weight} must be >= 0")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"{name}.warmup_steps={warmup_steps!r} must be an integer >= 0")
+        self._count("warmup_steps", warmup_steps, least=0)
         mix = self.default_mix if mix is None else mix
         if not isinstance(mix, bool):
             raise ValueError(f"{name}.mix={mix!r} must be True ((1-w) loss + w reg) or False (loss + w reg)")
@@ -111,6 +111,19 @@ class JacobianRegularizer(Regularizer):
     def backward_in_loss(self) -> bool:
         """Whether the estimate takes a VJP (a backward pass inside the loss)."""
         return True
+
+    def _count(self, name: str, value, least: int = 1) -> int:
+        """`value` if it is an integer >= `least`, else a ValueError naming Class.name."""
+        if not is_integer(value) or value < least:
+            raise ValueError(f"{type(self).__name__}.{name}={value!r} must be an integer >= {least}")
+        return value
+
+    def _mode(self, mode: str) -> str:
+        """`mode` if it is one of the class's MODES (mode -> what it computes), else a ValueError."""
+        if mode not in self.MODES:
+            choices = " or ".join(f"{m!r} ({what})" for m, what in self.MODES.items())
+            raise ValueError(f"{type(self).__name__}.mode={mode!r}; choose {choices}")
+        return mode
 
     def validate(self, recipe):
         if recipe.estimator.trains == "gate":
@@ -154,17 +167,13 @@ class PowerIterationJacobian(JacobianRegularizer):
     backward."""
 
     default_mix = True
-    MODES = ("vjp", "jvp")
+    MODES = {"vjp": "STARS' ||J^T v||^2",
+             "jvp": "||J v||^2, forward mode: the same mean and variance, no double backward"}
 
     def __init__(self, weight: float = 0.1, warmup_steps: int = 0, iterations: int = 1, mix: bool = True,
                  mode: str = "vjp"):
         super().__init__(weight, warmup_steps, mix)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"PowerIterationJacobian.iterations={iterations!r} must be an integer >= 1")
-        if mode not in self.MODES:
-            raise ValueError(f"PowerIterationJacobian.mode={mode!r}; choose 'vjp' (STARS' ||J^T v||^2) or "
-                             "'jvp' (||J v||^2, forward mode: the same mean and variance, no double backward)")
-        self.iterations, self.mode = iterations, mode
+        self.iterations, self.mode = self._count("iterations", iterations), self._mode(mode)
 
     @property
     def backward_in_loss(self) -> bool:
@@ -194,17 +203,12 @@ class HutchinsonJacobian(JacobianRegularizer):
     (mode="jvp", torch.func.jvp) or ||J^T eps||^2 (mode="vjp", torch.func.vjp); both are unbiased,
     with variance 2 ||J^T J||_F^2 / probes (resp. 2 ||J J^T||_F^2 / probes)."""
 
-    MODES = ("jvp", "vjp")
+    MODES = {"jvp": "||J eps||^2, forward mode", "vjp": "||J^T eps||^2, reverse mode"}
 
     def __init__(self, weight: float = 0.1, probes: int = 1, mode: str = "jvp", warmup_steps: int = 0,
                  mix: bool = False):
         super().__init__(weight, warmup_steps, mix)
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"HutchinsonJacobian.probes={probes!r} must be an integer >= 1")
-        if mode not in self.MODES:
-            raise ValueError(f"HutchinsonJacobian.mode={mode!r}; choose 'jvp' (||J eps||^2, forward mode) "
-                             "or 'vjp' (||J^T eps||^2, reverse mode)")
-        self.probes, self.mode = probes, mode
+        self.probes, self.mode = self._count("probes", probes), self._mode(mode)
 
     @property
     def backward_in_loss(self) -> bool:
@@ -238,9 +242,7 @@ class SpectralJacobian(JacobianRegularizer):
 
     def __init__(self, weight: float = 0.1, iterations: int = 5, warmup_steps: int = 0, mix: bool = False):
         super().__init__(weight, warmup_steps, mix)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"SpectralJacobian.iterations={iterations!r} must be an integer >= 1")
-        self.iterations = iterations
+        self.iterations = self._count("iterations", iterations)
 
     def estimate(self, g, x, generator):
         return _jvp_norm2(g, x, _gram_power(g, x, _unit(self.normal_like(x, generator)), self.iterations))
