@@ -19,7 +19,7 @@ reads loops 1..t only), so with loops t+1..T filled by placeholders it exits by 
 when it would given all T loops (tests/test_infer.py checks this for every default rule).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,14 +54,12 @@ def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
         dst.index_copy_(0, rows, src)
 
 
-def _rows_context(full: LoopContext, cache: StaticKVCache, rows, keep=None) -> LoopContext:
-    """The context of a loop run on `rows` (None: all), storing keys and values for `keep`."""
+def _rows_context(full: LoopContext, cache: StaticKVCache, rows) -> LoopContext:
     if rows is None:
-        return full if keep is None else LoopContext(rope=full.rope, mask=full.mask, cache=cache.view(None, keep),
-                                                     injected=full.injected)
+        return full
     cos, sin = full.rope
     mask = None if full.mask is None else full.mask[rows]
-    return LoopContext(rope=(cos[rows], sin[rows]), mask=mask, cache=cache.view(rows, keep),
+    return LoopContext(rope=(cos[rows], sin[rows]), mask=mask, cache=cache.view(rows),
                        injected=None if full.injected is None else full.injected[rows])
 
 
@@ -131,7 +129,7 @@ def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None
             if live.numel() <= compact_below * among.numel():
                 computed, x = live, x[among]
                 ctx = _rows_context(full, cache, computed)
-            else:
-                ctx = _rows_context(full, cache, computed, keep=torch.nonzero(among).squeeze(1))
+            else:  # the same rows computed; only the live ones store keys and values
+                ctx = replace(ctx, cache=cache.view(computed, keep=torch.nonzero(among).squeeze(1)))
     cache.finish(loops_run, T)
     return StepResult(states=out, exit_loops=exit_loops, loops_run=loops_run)
