@@ -119,9 +119,9 @@ class JacobianRegularizer(Regularizer):
         return value
 
     def _mode(self, mode: str) -> str:
-        """`mode` if it is one of the class's MODES (mode -> what it computes), else a ValueError."""
+        """`mode` if it is one of the class's MODES, else a ValueError saying what each computes."""
         if mode not in self.MODES:
-            choices = " or ".join(f"{m!r} ({what})" for m, what in self.MODES.items())
+            choices = " or ".join(f"{m!r} ({what})" for m, what in self.MODE_HELP.items())
             raise ValueError(f"{type(self).__name__}.mode={mode!r}; choose {choices}")
         return mode
 
@@ -167,8 +167,9 @@ class PowerIterationJacobian(JacobianRegularizer):
     backward."""
 
     default_mix = True
-    MODES = {"vjp": "STARS' ||J^T v||^2",
-             "jvp": "||J v||^2, forward mode: the same mean and variance, no double backward"}
+    MODE_HELP = {"vjp": "STARS' ||J^T v||^2",
+                 "jvp": "||J v||^2, forward mode: the same mean and variance, no double backward"}
+    MODES = tuple(MODE_HELP)
 
     def __init__(self, weight: float = 0.1, warmup_steps: int = 0, iterations: int = 1, mix: bool = True,
                  mode: str = "vjp"):
@@ -203,7 +204,8 @@ class HutchinsonJacobian(JacobianRegularizer):
     (mode="jvp", torch.func.jvp) or ||J^T eps||^2 (mode="vjp", torch.func.vjp); both are unbiased,
     with variance 2 ||J^T J||_F^2 / probes (resp. 2 ||J J^T||_F^2 / probes)."""
 
-    MODES = {"jvp": "||J eps||^2, forward mode", "vjp": "||J^T eps||^2, reverse mode"}
+    MODE_HELP = {"jvp": "||J eps||^2, forward mode", "vjp": "||J^T eps||^2, reverse mode"}
+    MODES = tuple(MODE_HELP)
 
     def __init__(self, weight: float = 0.1, probes: int = 1, mode: str = "jvp", warmup_steps: int = 0,
                  mix: bool = False):
