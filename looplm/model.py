@@ -55,6 +55,7 @@ class KVCache:
     `loop * N + layer`; prelude and coda layers get their own."""
 
     slots: dict = field(default_factory=dict)
+    query_runs = None  # the queries are every row of the keys returned (looplm.infer's cache: runs of rows)
 
     def update(self, slot, k, v):
         if slot in self.slots:

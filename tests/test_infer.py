@@ -11,7 +11,7 @@ from looplm.config import model_config
 from looplm.exits import QExit, StateChangeExit, StaticExit, default_rules
 from looplm.infer import MODES, StaticKVCache, fired_by, generate
 from looplm.model import KVCache, LoopLM
-from looplm.infer.cache import LOOPED_STAGES
+from looplm.infer.cache import LOOPED_STAGES, runs_of
 
 PROMPTS = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7], [30, 11, 4, 8, 2]]
 
@@ -96,11 +96,10 @@ def reference_generate(model, prompt, max_new, rule, T, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rule", [None, QExit(0.6), StateChangeExit(0.9), StaticExit(2)])
-@pytest.mark.parametrize("compact_below", [0.0, 0.5, 1.0])  # exited rows ride along / mixed / leave at once
-def test_batched_early_exit_equals_one_row_reference(mode, rule, compact_below):
+def test_batched_early_exit_equals_one_row_reference(mode, rule):
     model = make_model(n_coda=1) if mode == "per_loop" and rule is not None else make_model()
     T = model.cfg.n_loops
-    out = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule, cache=mode, compact_below=compact_below)
+    out = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule, cache=mode)
     computed = 0
     with torch.no_grad():
         for prompt, new, loops in zip(PROMPTS, out.tokens, out.exit_loops):
@@ -123,6 +122,20 @@ def test_early_exit_on_unpadded_rows_equals_the_reference():
         for prompt, new, loops in zip(prompts, out.tokens, out.exit_loops):
             assert (new, loops) == reference_generate(model, prompt, 6, QExit(0.6), model.cfg.n_loops, "per_loop")
     assert out.decode_mean_loops < model.cfg.n_loops
+
+
+def test_live_rows_in_runs_with_gaps_attend_to_their_own_keys_and_mask():
+    """Eight rows of eight prompt lengths: at some loop the live rows are not consecutive, so
+    attention runs on several spans of the cache, each with its own rows' padding mask."""
+    model = make_model()
+    prompts = [[(7 * i + 3 * j) % 32 for j in range(i + 1)] for i in range(8)]
+    out = generate(model, prompts, max_new_tokens=5, exit_rule=QExit(0.5))
+    gaps = [n for n in range(1, 5) for t in range(1, model.cfg.n_loops)
+            if len(runs_of([i for i, loops in enumerate(out.exit_loops) if loops[n] > t])) > 1]
+    assert gaps  # the case this test is for did occur
+    with torch.no_grad():
+        for prompt, new, loops in zip(prompts, out.tokens, out.exit_loops):
+            assert (new, loops) == reference_generate(model, prompt, 5, QExit(0.5), model.cfg.n_loops, "per_loop")
 
 
 def test_skip_false_selects_the_same_tokens_and_computes_every_loop():
@@ -162,10 +175,22 @@ def test_cache_memory_per_mode_and_in_place_writes():
     k = torch.randn(2, 1, 2, 4)
     keys, _ = cache.view().update(("loop", 0, 0), k, k)
     assert keys.data_ptr() == cache.buffers[("loop", 0, 0)][0].data_ptr()  # a view, not a copy
+    view = cache.view(torch.tensor([1]))  # a subset of rows: it writes its own, attends to all in place
+    keys, _ = view.update(("loop", 0, 0), 2 * k[1:], k[1:])
+    assert keys.data_ptr() == cache.buffers[("loop", 0, 0)][0].data_ptr() and view.query_runs == [(0, 1, 1)]
+    assert torch.equal(keys[1], 2 * k[1]) and torch.equal(keys[0], k[0])
     cache.finish(torch.tensor([1, 1]), 1)
     cache.begin(3)
     with pytest.raises(ValueError, match="max_len=5"):
         cache.begin(4)
+
+
+@pytest.mark.parametrize("rows", [[0], [3], [0, 1, 2], [1, 2, 5, 7, 8, 10], [0, 2, 4], list(range(9))])
+def test_runs_of_rows_cover_each_row_once_in_order(rows):
+    runs = runs_of(rows)
+    assert [r + n for i, j, r in runs for n in range(j - i)] == rows  # query i is cache row rows[i]
+    assert [i for i, _, _ in runs] == [0, *[j for _, j, _ in runs[:-1]]] and runs[-1][1] == len(rows)
+    assert len(runs) == 1 + sum(b != a + 1 for a, b in zip(rows, rows[1:]))  # maximal runs
 
 
 def test_left_padding_mask_and_positions():
@@ -224,7 +249,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
                  "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
-                 "--long", "10", "--repeats", "1", "--exit-batches", "2", "--compact", "0,1", "--json", str(out),
+                 "--long", "10", "--repeats", "1", "--exit-batches", "2", "--json", str(out),
                  "--plot", str(tmp_path / "decode.png")])
     assert code == 0
     report = json.loads(out.read_text())
@@ -233,8 +258,6 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     memory = {r["mode"]: r["bytes"] for r in report["memory"]}
     assert memory["per_loop"] == 3 * memory["last"] == 3 * memory["average"]
     assert report["early_exit"][0]["rule"] == "all" and report["early_exit"][0]["mean_loops"] == 3
-    assert {(r["rule"], r["compact_below"]) for r in report["compact"]} == {
-        (r["rule"], share) for r in report["early_exit"][1:] for share in (0.0, 1.0)}
     assert "| cache mode |" in capsys.readouterr().out
     assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--prompt", "0"]) == 2

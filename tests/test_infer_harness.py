@@ -19,6 +19,8 @@ from looplm.infer.harness import LoopLMHarness, main  # noqa: E402
 from looplm.model import LoopLM  # noqa: E402
 from looplm.run import main as run_main  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("clean_gin")  # loading a run parses its config.gin (tests/conftest.py)
+
 DOCS = [{"question": "12+34= ", "answer": "64<eos>", "choices": ["64<eos>", "46<eos>", "11<eos>"], "label": 0},
         {"question": "50+25= ", "answer": "57<eos>", "choices": ["75<eos>", "57<eos>"], "label": 1},
         {"question": "7+8= ", "answer": "51<eos>", "choices": ["51<eos>", "15<eos>", "99<eos>"], "label": 0}]

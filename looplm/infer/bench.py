@@ -7,8 +7,7 @@ Side by side in one process, on random prompts (greedy, no EOS, every row genera
   3. early exit: decode tokens/s and the loops actually computed per decoded token for each exit
      rule (the prefill, which runs every loop, left out), the speed-up over all-T next to the
      ideal T / mean loops;
-  4. with --compact, the early-exit speed-up for each share below which exited rows leave the batch;
-  5. the KV-cache memory of each sharing mode.
+  4. the KV-cache memory of each sharing mode.
 Each timing is the best process CPU time of --repeats interleaved runs (tokens per CPU second:\non a shared machine wall time also counts other jobs); --threads 1 makes it one core's work.
 Without --run the model is untrained, its gate re-drawn (std --gate-std) so that exits spread over
 the loops; with --run the trained model of a run folder is used (its vocabulary and shape).
@@ -79,7 +78,7 @@ def measure(model, args) -> dict:
     cfg, T = model.cfg, model.cfg.n_loops
     report = {"model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                         "d_ff": cfg.d_ff, "n_loops": T, "vocab_size": cfg.vocab_size},
-              "threads": torch.get_num_threads(), "decode": [], "long": [], "early_exit": [], "compact": [],
+              "threads": torch.get_num_threads(), "decode": [], "long": [], "early_exit": [],
               "memory": []}
     llama = llama_twin(cfg, args.prompt + max(args.new, args.long))
     for batch in args.batches:
@@ -118,8 +117,7 @@ def decode_seconds(out) -> float:
 
 
 def early_exit(model, args, batch: int, report: dict) -> None:
-    """Each exit rule's decode speed-up over all-T next to the ideal T / mean loops, and with
-    --compact the same for each share below which exited rows leave the batch."""
+    """Each exit rule's decode speed-up over all-T next to the ideal T / mean loops."""
     T = model.cfg.n_loops
     rules = [None, *[QExit(q) for q in args.q], *[StateChangeExit(tau) for tau in args.tau]]
     prompts = random_prompts(model.cfg.vocab_size, batch, args.prompt).tolist()
@@ -136,15 +134,6 @@ def early_exit(model, args, batch: int, report: dict) -> None:
         report["early_exit"].append(row)
         print(f"exit {name} batch {batch}: {row['tok_s']:.0f} decode tok/s, mean loops {row['mean_loops']:.2f}, "
               f"speed-up {row['speedup']:.2f}x of ideal {row['ideal']:.2f}x", flush=True)
-    for share in args.compact:  # when exited rows leave the batch (looplm.infer.step.COMPACT_BELOW)
-        contenders = {name: (lambda rule=rule: generate(model, prompts, args.new, exit_rule=rule,
-                                                        compact_below=share))
-                      for name, rule in zip(names, rules) if rule is not None}
-        for name, (_, out) in race(args.repeats, contenders).items():
-            report["compact"].append({"rule": name, "batch": batch, "compact_below": share,
-                                      "speedup": base / decode_seconds(out)})
-            print(f"exit {name} batch {batch}, compact_below {share:g}: speed-up {base / decode_seconds(out):.2f}x",
-                  flush=True)
 
 
 def table(report: dict) -> str:
@@ -163,10 +152,6 @@ def table(report: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['batch']} | {r['tok_s']:.0f} | {r['mean_loops']:.2f} | {r['speedup']:.2f} | "
               f"{r['ideal']:.2f} | {r['efficiency']:.2f} |" for r in report["early_exit"]]
-    if report["compact"]:
-        lines += ["", "| rule | batch | compact_below | speed-up over all-T |", "|---|---|---|---|"]
-        lines += [f"| {r['rule']} | {r['batch']} | {r['compact_below']:g} | {r['speedup']:.2f} |"
-                  for r in report["compact"]]
     lines += ["", "| cache mode | batch | max_len | KV memory (MiB) |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['batch']} | {r['max_len']} | {r['bytes'] / 2**20:.2f} |" for r in report["memory"]]
     return "\n".join(lines)
@@ -222,8 +207,6 @@ def main(argv=None) -> int:
     parser.add_argument("--exit-batches", type=_ints, default=[1, 8, 64])
     parser.add_argument("--q", type=_floats, default=[0.5, 0.7, 0.9])
     parser.add_argument("--tau", type=_floats, default=[0.25])
-    parser.add_argument("--compact", type=_floats, default=[],
-                        help="race these compact_below shares for each exit rule (e.g. 0,0.5,1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the report to this JSON file")

@@ -42,39 +42,33 @@ class StaticKVCache:
                              f"written and {n_new} more do not fit")
         self._pos, self._end = self.length, self.length + n_new
 
-    def view(self, rows: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> "CacheRows":
-        """What a LoopContext carries: the cache as seen by `rows` (None: every row); `keep`
-        (indices into those rows, None: all) are the rows whose keys and values are stored."""
-        return CacheRows(self, rows, keep)
+    def view(self, rows: torch.Tensor | None = None) -> "CacheRows":
+        """What a LoopContext carries: the cache as seen by `rows` (sorted indices; None: every
+        row), which store their keys and values and attend to their own rows of the buffers."""
+        return CacheRows(self, rows)
 
     def key(self, slot: tuple) -> tuple:
         if self.mode != "per_loop" and slot[0] in LOOPED_STAGES:
             return slot[0], slot[2]
         return slot
 
-    def write(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, rows, keep=None) -> tuple:
-        """Store k, v (rows, kv_heads, n_new, head_dim) at the step's positions, only those of
-        `keep` (indices into rows) when given; return the keys and values of positions [0, end)
-        for all of `rows` (a kept-out row reads what its slot held: its output is not used)."""
+    def write(self, slot: tuple, k: torch.Tensor, v: torch.Tensor, rows) -> tuple:
+        """Store k, v (rows, kv_heads, n_new, head_dim) at the step's positions; return every
+        row's keys and values of positions [0, end), views of the buffers (not copies)."""
         key = self.key(slot)
         if key not in self.buffers:
             shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
             self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
         kb, vb = self.buffers[key]
         new = slice(self._pos, self._end)
-        to, wk, wv = rows, k, v
-        if keep is not None:
-            to, wk, wv = keep if rows is None else rows[keep], k[keep], v[keep]
-        if to is None:
-            kb[:, :, new], vb[:, :, new] = wk, wv
-        else:
-            kb[:, :, new].index_copy_(0, to, wk)
-            vb[:, :, new].index_copy_(0, to, wv)
-        if self.mode in ("first", "average") and slot[0] in LOOPED_STAGES:
-            self._stash_update(key, slot[1], wk, wv, to)
         if rows is None:
-            return kb[:, :, :self._end], vb[:, :, :self._end]
-        return kb[:, :, :self._end].index_select(0, rows), vb[:, :, :self._end].index_select(0, rows)
+            kb[:, :, new], vb[:, :, new] = k, v
+        else:
+            kb[:, :, new].index_copy_(0, rows, k)
+            vb[:, :, new].index_copy_(0, rows, v)
+        if self.mode in ("first", "average") and slot[0] in LOOPED_STAGES:
+            self._stash_update(key, slot[1], k, v, rows)
+        return kb[:, :, :self._end], vb[:, :, :self._end]
 
     def _stash_update(self, key, loop, k, v, rows) -> None:
         if loop == 0:  # loop 1 runs on every active row of the step
@@ -152,10 +146,24 @@ class StaticKVCache:
 
 
 class CacheRows:
-    """The cache seen by a subset of rows: what Attention calls `update(slot, k, v)` on."""
+    """The cache seen by a subset of rows: what Attention calls `update(slot, k, v)` on. Its
+    `query_runs` (None: the queries are every row) are (first query, end query, first cache row)
+    spans of consecutive rows, so that attention reads the live rows' keys in place: gathering
+    them would copy every cached key once more, reading all rows would read the exited rows'."""
 
-    def __init__(self, cache: StaticKVCache, rows, keep=None):
-        self.cache, self.rows, self.keep = cache, rows, keep
+    def __init__(self, cache: StaticKVCache, rows):
+        self.cache, self.rows = cache, rows
+        self.query_runs = None if rows is None else runs_of(rows.tolist())
 
     def update(self, slot, k, v):
-        return self.cache.write(slot, k, v, self.rows, self.keep)
+        return self.cache.write(slot, k, v, self.rows)
+
+
+def runs_of(rows: list) -> list:
+    """(i, j, r): queries i..j-1 are cache rows r..r+j-i-1, for sorted distinct `rows`."""
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append((start, i, rows[start]))
+            start = i
+    return runs

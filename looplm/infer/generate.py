@@ -4,8 +4,7 @@ skips the loops after each token's exit (looplm.infer.step).
 
 Finished rows sit out the remaining steps (they are not computed). Each generated token records
 the loop its prediction came from; `loops_computed` counts the loops run for it up to its exit (a
-prefill runs all T, so the first token of every row counts T); a row that rides along in its
-batch after its exit (cheaper than gathering the others) adds time, not loops.
+prefill runs all T, so the first token of every row counts T).
 """
 
 import time
@@ -17,7 +16,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 
 from looplm.config import is_integer
 from looplm.infer.cache import MODES, StaticKVCache
-from looplm.infer.step import COMPACT_BELOW, step
+from looplm.infer.step import step
 
 
 @dataclass
@@ -98,12 +97,11 @@ def sampler(temperature: float, top_k, top_p, generator=None):
 def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int | None = None,
              cache: str = "per_loop", temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos: int | None = None, generator=None,
-             skip: bool = True, compact_below: float = COMPACT_BELOW) -> Generation:
+             skip: bool = True) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (lists of token ids).
 
     exit_rule: a looplm.exits rule deciding each token's exit loop (None: all n_loops, default
-    cfg.n_loops). skip=False computes every loop even with a rule (select only). compact_below:
-    when exited rows leave the batch (looplm.infer.step; the tokens do not depend on it)."""
+    cfg.n_loops). skip=False computes every loop even with a rule (select only)."""
     T = model.cfg.n_loops if n_loops is None else n_loops
     _check(model, prompts, max_new_tokens, T, cache, temperature, top_k, top_p, eos)
     was_training = model.training
@@ -118,7 +116,7 @@ def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int |
         kv = StaticKVCache(len(prompts), width + max_new_tokens, cache, start=(width - lengths).to(device))
         pick = sampler(temperature, top_k, top_p, generator)
         t0, c0 = time.perf_counter(), time.process_time()
-        result = step(model, ids.to(device), kv, T, exit_rule, skip=skip, compact_below=compact_below)
+        result = step(model, ids.to(device), kv, T, exit_rule, skip=skip)
         loops = result.loops_run.clone()
         prefill = int(loops.sum())
         nxt = pick(model.logits(result.states[:, -1]))
@@ -128,8 +126,7 @@ def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int |
         for n in range(max_new_tokens):
             if n:  # the next token of the rows still going (finished rows sit the step out)
                 active = None if not done.any() else torch.nonzero(~done).squeeze(1)
-                result = step(model, nxt[:, None], kv, T, exit_rule, active=active, skip=skip,
-                              compact_below=compact_below)
+                result = step(model, nxt[:, None], kv, T, exit_rule, active=active, skip=skip)
                 loops += result.loops_run
                 nxt = pick(model.logits(result.states[:, -1]))
             tokens, exits = nxt.tolist(), result.exit_loops[:, -1].tolist()  # one device sync a step

@@ -1,14 +1,13 @@
 """One forward step of a looped model over new tokens, on a StaticKVCache, with early exit that
 skips compute: after every loop the rows whose exit rule fired leave the batch, and the remaining
-loops run on the live rows only (their states compacted, their keys and values gathered from the
-cache, their results scattered back into full-batch records).
+loops run on the live rows only (their states compacted, their results scattered back into
+full-batch records).
 
 What that saves depends on the batch: a step whose rows have all exited stops (batch 1 saves
 nearly T / mean loops), while a loop that still has live rows reads every weight, so on a CPU
-at small batches (weight-bandwidth bound) fewer rows cost little less. Gathering the live rows
-copies every cached key and value they attend to (for each slot, read and written once more):
-while most rows are still live it is cheaper to carry the exited ones along and drop their
-results and keys (COMPACT_BELOW).
+at small batches (weight-bandwidth bound) fewer rows cost little less. Attention of the live rows
+reads their cached keys in place, one SDPA call per run of consecutive rows (looplm.infer.cache):
+no key is copied and no exited row's keys are read.
 
 Rows leave only at single-token (decode) steps: in a prefill the tokens of one row exit at
 different loops but later loops still attend to all of them, so a prefill runs every loop and
@@ -19,18 +18,12 @@ reads loops 1..t only), so with loops t+1..T filled by placeholders it exits by 
 when it would given all T loops (tests/test_infer.py checks this for every default rule).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from looplm.infer.cache import StaticKVCache
 from looplm.model import LoopContext
-
-# Gather the live rows into a smaller batch once they are at most this share of the rows being
-# computed; above it, carrying the exited rows along costs less than gathering every cached key
-# and value of the live rows (python -m looplm.infer.bench --compact races the choices).
-COMPACT_BELOW = 0.75
-
 
 @dataclass
 class StepResult:
@@ -55,26 +48,23 @@ def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
 
 
 def _rows_context(full: LoopContext, cache: StaticKVCache, rows) -> LoopContext:
+    """The context of the computed `rows` (None: all): their RoPE, mask and injection, and the
+    cache as they see it."""
     if rows is None:
         return full
     cos, sin = full.rope
-    mask = None if full.mask is None else full.mask[rows]
-    return LoopContext(rope=(cos[rows], sin[rows]), mask=mask, cache=cache.view(rows),
-                       injected=None if full.injected is None else full.injected[rows])
+    return LoopContext(rope=(cos[rows], sin[rows]), mask=None if full.mask is None else full.mask[rows],
+                       cache=cache.view(rows), injected=None if full.injected is None else full.injected[rows])
 
 
 @torch.no_grad()
 def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None,
-         active: torch.Tensor | None = None, skip: bool = True,
-         compact_below: float = COMPACT_BELOW) -> StepResult:
+         active: torch.Tensor | None = None, skip: bool = True) -> StepResult:
     """Run `ids` (B, S) through `n_loops` loops, appending their keys and values to `cache`.
 
     rule: an exit rule (None: every token reads out at loop n_loops). active: indices of the rows
     to compute (None: all); the others sit the step out. skip=False computes every loop for every
-    row even with a rule (the rule then only selects, as in Ouro's code). compact_below: when
-    rows exit, the live rows are gathered into a smaller batch once they are at most this share
-    of the rows computed so far; above it the exited rows ride along, their results and keys
-    discarded (the same tokens either way; only the speed differs)."""
+    row even with a rule (the rule then only selects, as in Ouro's code)."""
     B, S = ids.shape
     if B != cache.batch:
         raise ValueError(f"ids have {B} rows but the cache was made for {cache.batch}")
@@ -125,11 +115,8 @@ def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None
             live = torch.nonzero(alive).squeeze(1)
             if live.numel() == 0:
                 break
-            among = alive if computed is None else alive[computed]  # over the rows of x, in order
-            if live.numel() <= compact_below * among.numel():
-                computed, x = live, x[among]
-                ctx = _rows_context(full, cache, computed)
-            else:  # the same rows computed; only the live ones store keys and values
-                ctx = replace(ctx, cache=cache.view(computed, keep=torch.nonzero(among).squeeze(1)))
+            x = x[alive if computed is None else alive[computed]]  # the rows of x stay in order
+            computed = live
+            ctx = _rows_context(full, cache, computed)
     cache.finish(loops_run, T)
     return StepResult(states=out, exit_loops=exit_loops, loops_run=loops_run)
