@@ -240,6 +240,13 @@ def test_bad_generation_arguments_are_named(kwargs, message):
 
 
 # -- the decode benchmark ----------------------------------------------------------------------
+def test_lockstep_bound_counts_each_loop_while_any_row_is_live():
+    from looplm.infer.bench import lockstep_bound
+
+    # decode tokens (1, 2) and (3, 1): loops 1-2 with 2 then 1 live rows, loops 1-3 with 2, 1, 1
+    assert lockstep_bound([[4, 1, 3], [4, 2, 1]], fixed=10.0, per_row=1.0) == 5 * 10 + 7 * 1
+
+
 def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp_path, capsys):
     from looplm.bench import main as bench
 
@@ -249,7 +256,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
                  "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
-                 "--long", "10", "--repeats", "1", "--exit-batches", "2", "--json", str(out),
+                 "--long", "10", "--repeats", "1", "--exit-batches", "2,1", "--json", str(out),
                  "--plot", str(tmp_path / "decode.png")])
     assert code == 0
     report = json.loads(out.read_text())
@@ -258,6 +265,9 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     memory = {r["mode"]: r["bytes"] for r in report["memory"]}
     assert memory["per_loop"] == 3 * memory["last"] == 3 * memory["average"]
     assert report["early_exit"][0]["rule"] == "all" and report["early_exit"][0]["mean_loops"] == 3
+    for row in report["early_exit"]:  # batch 1 first; there each loop costs the same, so the bound is the ideal
+        assert row["lockstep"] == pytest.approx(row["ideal"]) if row["batch"] == 1 else row["lockstep"] > 0
+    assert [r["batch"] for r in report["early_exit"]][0] == 1
     assert "| cache mode |" in capsys.readouterr().out
     assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--prompt", "0"]) == 2

@@ -101,7 +101,7 @@ def measure(model, args) -> dict:
                                "concat_tok_s": batch * n / t_old, "speedup": t_old / t_new, "same_tokens": same})
         print(f"{args.long} tokens batch {batch}: static cache {batch * n / t_new:.0f} tok/s, concatenating "
               f"{batch * n / t_old:.0f} tok/s (same tokens: {same})", flush=True)
-    for batch in args.exit_batches:
+    for batch in sorted(set(args.exit_batches)):  # batch 1 first: the lockstep bound's fit needs it
         early_exit(model, args, batch, report)
     prompts = random_prompts(cfg.vocab_size, args.exit_batches[0], args.prompt).tolist()
     for mode in MODES:
@@ -116,8 +116,21 @@ def decode_seconds(out) -> float:
     return out.cpu_seconds - out.prefill_cpu_seconds
 
 
+def lockstep_bound(exit_loops: list, fixed: float, per_row: float) -> float:
+    """Decode seconds no lockstep batch goes below: a step runs each loop while any of its rows is
+    live, a loop costing `fixed` + `per_row` x live rows. exit_loops: per row, its tokens' exit
+    loops (the first, from the prefill, left out)."""
+    seconds = 0.0
+    for token_exits in zip(*(loops[1:] for loops in exit_loops)):
+        for t in range(1, max(token_exits) + 1):
+            seconds += fixed + per_row * sum(e >= t for e in token_exits)
+    return seconds
+
+
 def early_exit(model, args, batch: int, report: dict) -> None:
-    """Each exit rule's decode speed-up over all-T next to the ideal T / mean loops."""
+    """Each exit rule's decode speed-up over all-T next to the ideal T / mean loops and, once
+    batch 1 has run, next to the lockstep bound: one loop's cost as fixed + per-row, fitted to the
+    all-T decode of batch 1 and of this batch (what batching in lockstep can save at best)."""
     T = model.cfg.n_loops
     rules = [None, *[QExit(q) for q in args.q], *[StateChangeExit(tau) for tau in args.tau]]
     prompts = random_prompts(model.cfg.vocab_size, batch, args.prompt).tolist()
@@ -125,15 +138,23 @@ def early_exit(model, args, batch: int, report: dict) -> None:
     times = race(args.repeats, {name: (lambda rule=rule: generate(model, prompts, args.new, exit_rule=rule))
                                 for name, rule in zip(names, rules)})
     base = decode_seconds(times["all"][1])
+    per_loop = report.setdefault("all_t_loop_seconds", {})
+    per_loop[batch] = base / ((args.new - 1) * T)  # one loop of one decode step, every row live
+    fit = None
+    if 1 in per_loop:
+        per_row = (per_loop[batch] - per_loop[1]) / (batch - 1) if batch > 1 else 0.0
+        fit = (per_loop[1] - per_row, per_row)
     for name in names:
         out = times[name][1]
         seconds, decoded = decode_seconds(out), out.n_tokens - len(out.tokens)
         row = {"rule": name, "batch": batch, "tok_s": decoded / seconds, "mean_loops": out.decode_mean_loops,
-               "speedup": base / seconds, "ideal": T / out.decode_mean_loops}
+               "speedup": base / seconds, "ideal": T / out.decode_mean_loops,
+               "lockstep": None if fit is None else base / lockstep_bound(out.exit_loops, *fit)}
         row["efficiency"] = row["speedup"] / row["ideal"]
         report["early_exit"].append(row)
+        bound = "" if fit is None else f", lockstep bound {row['lockstep']:.2f}x"
         print(f"exit {name} batch {batch}: {row['tok_s']:.0f} decode tok/s, mean loops {row['mean_loops']:.2f}, "
-              f"speed-up {row['speedup']:.2f}x of ideal {row['ideal']:.2f}x", flush=True)
+              f"speed-up {row['speedup']:.2f}x of ideal {row['ideal']:.2f}x{bound}", flush=True)
 
 
 def table(report: dict) -> str:
@@ -148,10 +169,11 @@ def table(report: dict) -> str:
               "|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['total_len']} | {r['static_tok_s']:.0f} | {r['concat_tok_s']:.0f} | "
               f"{r['speedup']:.2f} | {r['same_tokens']} |" for r in report["long"]]
-    lines += ["", "| rule | batch | decode tok/s | mean loops | speed-up | ideal T/mean | speed-up / ideal |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| rule | batch | decode tok/s | mean loops | speed-up | ideal T/mean | speed-up / ideal | "
+              "lockstep bound |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['batch']} | {r['tok_s']:.0f} | {r['mean_loops']:.2f} | {r['speedup']:.2f} | "
-              f"{r['ideal']:.2f} | {r['efficiency']:.2f} |" for r in report["early_exit"]]
+              f"{r['ideal']:.2f} | {r['efficiency']:.2f} | "
+              f"{'-' if r['lockstep'] is None else format(r['lockstep'], '.2f')} |" for r in report["early_exit"]]
     lines += ["", "| cache mode | batch | max_len | KV memory (MiB) |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['batch']} | {r['max_len']} | {r['bytes'] / 2**20:.2f} |" for r in report["memory"]]
     return "\n".join(lines)
