@@ -262,6 +262,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["decode"]] == [1, 2]
     assert report["long"][0]["same_tokens"] is True  # both caches decode the same greedy tokens
+    assert 0 < report["long"][0]["attention_share"] < 1
     memory = {r["mode"]: r["bytes"] for r in report["memory"]}
     assert memory["per_loop"] == 3 * memory["last"] == 3 * memory["average"]
     assert report["early_exit"][0]["rule"] == "all" and report["early_exit"][0]["mean_loops"] == 3

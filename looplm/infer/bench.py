@@ -3,12 +3,14 @@
 Side by side in one process, on random prompts (greedy, no EOS, every row generates every token):
   1. all-T decode on looplm.infer's preallocated cache against HF LlamaForCausalLM.generate with
      N x T layers of the same width (its own KV cache), per batch size;
-  2. the same decode against the core's concatenating KVCache at a long total length;
+  2. the same decode against the core's concatenating KVCache at a long total length, with the share
+     of the static decode's time in attention (what bounds that race);
   3. early exit: decode tokens/s and the loops actually computed per decoded token for each exit
      rule (the prefill, which runs every loop, left out), the speed-up over all-T next to the
-     ideal T / mean loops;
+     ideal T / mean loops and to the lockstep bound (a batch runs a loop while any row needs it);
   4. the KV-cache memory of each sharing mode.
-Each timing is the best process CPU time of --repeats interleaved runs (tokens per CPU second:\non a shared machine wall time also counts other jobs); --threads 1 makes it one core's work.
+Each timing is the best process CPU time of --repeats interleaved runs (tokens per CPU second:
+on a shared machine wall time also counts other jobs); --threads 1 makes it one core's work.
 Without --run the model is untrained, its gate re-drawn (std --gate-std) so that exits spread over
 the loops; with --run the trained model of a run folder is used (its vocabulary and shape).
 """
@@ -57,6 +59,19 @@ def concat_cache_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tens
     return torch.stack(out, 1)
 
 
+def attention_share(fn) -> float:
+    """The share of fn's CPU time in attention kernels (torch.profiler). Concatenating adds one
+    read and one write of every cached key per step to attention's one read of it, about 1 + 2 x
+    this share of the static cache's time: 3x is within reach only where attention is everything."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key) / max(total, 1e-9)
+
+
 def llama_twin(cfg, max_len: int):
     """An HF Llama with N x T layers of looplm's width: the unrolled equivalent of the looped stack."""
     from transformers import LlamaForCausalLM
@@ -97,10 +112,13 @@ def measure(model, args) -> dict:
                                     "concat": lambda: concat_cache_decode(model, ids, n)})
         (t_new, new), (t_old, old) = times["static"], times["concat"]
         same = torch.equal(torch.tensor(new.tokens), old)
+        share = attention_share(lambda: generate(model, ids.tolist(), n))
         report["long"].append({"batch": batch, "total_len": args.long, "static_tok_s": batch * n / t_new,
-                               "concat_tok_s": batch * n / t_old, "speedup": t_old / t_new, "same_tokens": same})
+                               "concat_tok_s": batch * n / t_old, "speedup": t_old / t_new, "same_tokens": same,
+                               "attention_share": share})
         print(f"{args.long} tokens batch {batch}: static cache {batch * n / t_new:.0f} tok/s, concatenating "
-              f"{batch * n / t_old:.0f} tok/s (same tokens: {same})", flush=True)
+              f"{batch * n / t_old:.0f} tok/s (same tokens: {same}); attention {share:.0%} of the static "
+              f"decode", flush=True)
     for batch in sorted(set(args.exit_batches)):  # batch 1 first: the lockstep bound's fit needs it
         early_exit(model, args, batch, report)
     prompts = random_prompts(cfg.vocab_size, args.exit_batches[0], args.prompt).tolist()
@@ -165,10 +183,10 @@ def table(report: dict) -> str:
              "| batch | looplm all-T tok/s | HF Llama N*T tok/s | ratio |", "|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['looplm_tok_s']:.0f} | {r['hf_llama_tok_s']:.0f} | {r['ratio']:.2f} |"
               for r in report["decode"]]
-    lines += ["", "| batch | total tokens | static cache tok/s | concatenating tok/s | speed-up | same tokens |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| batch | total tokens | static cache tok/s | concatenating tok/s | speed-up | same tokens | "
+              "attention share of static |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['total_len']} | {r['static_tok_s']:.0f} | {r['concat_tok_s']:.0f} | "
-              f"{r['speedup']:.2f} | {r['same_tokens']} |" for r in report["long"]]
+              f"{r['speedup']:.2f} | {r['same_tokens']} | {r['attention_share']:.0%} |" for r in report["long"]]
     lines += ["", "| rule | batch | decode tok/s | mean loops | speed-up | ideal T/mean | speed-up / ideal | "
               "lockstep bound |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['batch']} | {r['tok_s']:.0f} | {r['mean_loops']:.2f} | {r['speedup']:.2f} | "
