@@ -272,3 +272,7 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     assert "| cache mode |" in capsys.readouterr().out
     assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--prompt", "0"]) == 2
+    assert main(["--preset", "tiny", "--n-heads", "5"]) == 2  # 5 heads do not divide the preset's width
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --prompt=0 must be >= 1",
+                                                            "error: ModelConfig.n_heads=5 must divide d_model=32 "
+                                                            "(allowed: [1, 2, 4, 8, 16, 32])"]

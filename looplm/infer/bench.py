@@ -22,10 +22,14 @@ import time
 
 import torch
 
+from looplm.config import PRESETS, ModelConfig, model_config
 from looplm.exits import QExit, StateChangeExit
 from looplm.infer.cache import MODES
 from looplm.infer.generate import generate
 from looplm.model import KVCache, LoopLM
+
+
+SHAPE = {"d_model": 256, "n_layers": 4, "n_heads": 4, "d_ff": 688, "n_loops": 4}  # the untrained default
 
 
 def race(repeats: int, contenders: dict) -> dict:
@@ -235,9 +239,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m looplm.infer.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a run folder: bench its trained model (default: an untrained one)")
-    for name, default in (("d-model", 256), ("n-layers", 4), ("n-heads", 4), ("d-ff", 688), ("n-loops", 4),
-                          ("vocab", 1024)):
-        parser.add_argument(f"--{name}", type=int, default=default, help=f"untrained model shape (default {default})")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="untrained model shape from looplm.config's presets (the shape flags override it)")
+    for name, default in SHAPE.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"untrained model shape (default {default}, or the preset's)")
+    parser.add_argument("--vocab", type=int, default=1024, help="untrained model vocabulary (default 1024)")
     parser.add_argument("--gate-std", type=float, default=0.1, help="untrained gate weight std (spreads exits)")
     parser.add_argument("--batches", type=_ints, default=[1, 8, 64])
     parser.add_argument("--prompt", type=int, default=64)
@@ -273,9 +280,14 @@ def main(argv=None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     else:
-        from looplm.config import ModelConfig
-        model = LoopLM(ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
-                                   n_heads=args.n_heads, d_ff=args.d_ff, n_loops=args.n_loops)).eval()
+        given = {name: getattr(args, name) for name in SHAPE if getattr(args, name) is not None}
+        try:
+            cfg = model_config(args.preset, vocab_size=args.vocab, **given) if args.preset else \
+                ModelConfig(vocab_size=args.vocab, **{**SHAPE, **given})
+        except ValueError as error:  # the first line: gin appends the configurables it went through
+            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 2
+        model = LoopLM(cfg).eval()
         with torch.no_grad():
             model.gate.weight.normal_(0, args.gate_std)
     report = measure(model, args)
