@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from looplm.objectives import at_least_float32, q_exit_loop
 from looplm.registry import Registry
@@ -37,10 +38,43 @@ class ExitRule:
         """(B, S) exit loop (1-based) from gate logits (B, S, T) and the T states (B, S, d)."""
         raise NotImplementedError
 
+    def loop_by_loop(self, n_loops: int) -> "LoopByLoop":
+        """The rule asked after every loop, for inference that skips the loops after each exit;
+        a rule may return a cheaper running form (it must agree with exit_loops: tests)."""
+        return LoopByLoop(self, n_loops)
+
     @property
     def label(self) -> tuple[str, float]:
         """(registered name, knob value): how a frontier point is reported."""
         return self.registry_name, float(getattr(self, self.knob))
+
+
+class LoopByLoop:
+    """Which tokens exit by loop t, asked at t = 1, 2, ... with what loops 1..t gave. A rule is
+    causal (its exit at t reads loops 1..t), so with loops t+1..T filled by placeholders it exits
+    by t exactly when it would given all T: this generic form keeps every gate and state so far."""
+
+    needs_gate = True  # fired() reads the gate logit (else it may be given None)
+
+    def __init__(self, rule: ExitRule, n_loops: int):
+        self.rule, self.n_loops, self.gates, self.states = rule, n_loops, [], []
+
+    def fired(self, t: int, state: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """(rows, S) bool from loop t's read-out state (rows, S, d) and gate logit (rows, S): for
+        each token that did not exit before t, whether it exits at t (what it says for the others
+        does not matter); everything exits at the last loop."""
+        if t == self.n_loops:
+            return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
+        self.gates.append(gate)
+        self.states.append(state)
+        later = self.n_loops - t
+        gates = torch.stack(self.gates + [torch.zeros_like(gate)] * later, dim=-1)
+        return self.rule.exit_loops(gates, self.states + [state] * later) <= t
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` (a boolean mask over the current rows) are asked from now on."""
+        self.gates = [g[rows] for g in self.gates]
+        self.states = [h[rows] for h in self.states]
 
 
 @EXIT_RULES.register("static")
@@ -57,6 +91,24 @@ class StaticExit(ExitRule):
             raise ValueError(f"StaticExit.loop={self.loop} but the model ran {len(states)} loops")
         return torch.full(gate_logits.shape[:-1], self.loop, dtype=torch.long, device=gate_logits.device)
 
+    def loop_by_loop(self, n_loops):
+        if self.loop > n_loops:
+            raise ValueError(f"StaticExit.loop={self.loop} but the model runs {n_loops} loops")
+        return StaticLoopByLoop(self.loop)
+
+
+class StaticLoopByLoop(LoopByLoop):
+    needs_gate = False
+
+    def __init__(self, loop: int):
+        self.loop = loop
+
+    def fired(self, t, state, gate):
+        return torch.full(state.shape[:-1], t >= self.loop, dtype=torch.bool, device=state.device)
+
+    def keep(self, rows):
+        pass
+
 
 @EXIT_RULES.register("q_exit")
 class QExit(ExitRule):
@@ -69,6 +121,26 @@ class QExit(ExitRule):
 
     def exit_loops(self, gate_logits, states):
         return q_exit_loop(gate_logits, self.q)
+
+    def loop_by_loop(self, n_loops):
+        return QExitLoopByLoop(self.q, n_loops)
+
+
+class QExitLoopByLoop(LoopByLoop):
+    """CDF(t) from gates 1..t only, the same operations as exit_cdf on them (so the same bits)."""
+
+    def __init__(self, q: float, n_loops: int):
+        self.q, self.n_loops, self.gates = q, n_loops, None
+
+    def fired(self, t, state, gate):
+        if t == self.n_loops:
+            return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
+        gate = at_least_float32(gate)[..., None]
+        self.gates = gate if self.gates is None else torch.cat([self.gates, gate], dim=-1)
+        return -torch.expm1(torch.cumsum(F.logsigmoid(-self.gates), dim=-1)[..., -1]) >= self.q
+
+    def keep(self, rows):
+        self.gates = self.gates[rows]
 
 
 @EXIT_RULES.register("state_change")
@@ -84,10 +156,35 @@ class StateChangeExit(ExitRule):
         T = len(states)
         exits = torch.full(gate_logits.shape[:-1], T, dtype=torch.long, device=gate_logits.device)
         for t in range(T - 1, 1, -1):  # from late to early: the earliest loop below tau wins
-            prev, cur = at_least_float32(states[t - 2]), at_least_float32(states[t - 1])
-            change = (cur - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)
-            exits = torch.where(change < self.threshold, t, exits)
+            exits = torch.where(relative_change(states[t - 2], states[t - 1]) < self.threshold, t, exits)
         return exits
+
+    def loop_by_loop(self, n_loops):
+        return StateChangeLoopByLoop(self.threshold, n_loops)
+
+
+def relative_change(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """||cur - prev|| / ||prev|| per token, over the model dimension (in float32 at least)."""
+    prev, cur = at_least_float32(prev), at_least_float32(cur)
+    return (cur - prev).norm(dim=-1) / prev.norm(dim=-1).clamp_min(1e-12)
+
+
+class StateChangeLoopByLoop(LoopByLoop):
+    needs_gate = False
+
+    def __init__(self, threshold: float, n_loops: int):
+        self.threshold, self.n_loops, self.prev = threshold, n_loops, None
+
+    def fired(self, t, state, gate):
+        prev, self.prev = self.prev, state
+        if t == self.n_loops:
+            return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
+        if prev is None:
+            return torch.zeros(state.shape[:-1], dtype=torch.bool, device=state.device)
+        return relative_change(prev, state) < self.threshold
+
+    def keep(self, rows):
+        self.prev = self.prev[rows]
 
 
 STATE_CHANGE_GRID = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from looplm.config import model_config
-from looplm.exits import QExit, StateChangeExit, StaticExit, default_rules
-from looplm.infer import MODES, StaticKVCache, fired_by, generate
+from looplm.exits import LoopByLoop, QExit, StateChangeExit, StaticExit, default_rules
+from looplm.infer import MODES, StaticKVCache, generate
 from looplm.model import KVCache, LoopLM
 from looplm.infer.cache import LOOPED_STAGES, runs_of
 
@@ -148,15 +148,34 @@ def test_skip_false_selects_the_same_tokens_and_computes_every_loop():
 
 
 @pytest.mark.parametrize("rule", default_rules(4), ids=lambda r: f"{r.label[0]}={r.label[1]:g}")
-def test_exit_decided_loop_by_loop_equals_the_rule_given_all_loops(rule):
+@pytest.mark.parametrize("form", ["the rule's", "generic"])
+def test_a_rule_asked_loop_by_loop_exits_where_it_does_given_all_loops(rule, form):
+    """Also after some rows leave (keep), and with saturated gates (CDF 1 or 0 at once)."""
     g = torch.Generator().manual_seed(0)
     T = 4
-    gates = torch.randn(3, 5, T, generator=g) * 2
-    base = torch.randn(3, 5, 8, generator=g)
-    states = [base + torch.randn(3, 5, 8, generator=g) * 0.4 / t for t in range(1, T + 1)]
+    gates = torch.randn(6, 5, T, generator=g) * 2
+    gates[0, 0], gates[1, 1] = 40.0, -40.0
+    base = torch.randn(6, 5, 8, generator=g)
+    states = [base + torch.randn(6, 5, 8, generator=g) * 0.4 / t for t in range(1, T + 1)]
     exits = rule.exit_loops(gates, states)
+    asked = rule.loop_by_loop(T) if form == "the rule's" else LoopByLoop(rule, T)
+    rows, got = torch.arange(6), torch.zeros(6, 5, dtype=torch.long)
     for t in range(1, T + 1):
-        assert torch.equal(fired_by(rule, gates, states, t, T), exits <= t), t
+        fired = asked.fired(t, states[t - 1][rows], gates[rows, :, t - 1] if asked.needs_gate else None)
+        new = fired & (got[rows] == 0)
+        got[rows] = torch.where(new, t, got[rows])
+        if t == 2:  # rows 1 and 4 leave; the others are asked on
+            stay = (rows != 1) & (rows != 4)
+            asked.keep(stay)
+            rows = rows[stay]
+    assert torch.equal(got[rows], exits[rows])
+    left = torch.tensor([1, 4])
+    assert torch.equal(got[left], torch.where(exits[left] <= 2, exits[left], 0))
+
+
+def test_a_static_exit_past_the_last_loop_is_refused():
+    with pytest.raises(ValueError, match="StaticExit.loop=5 but the model runs 4 loops"):
+        StaticExit(5).loop_by_loop(4)
 
 
 # -- the cache itself ----------------------------------------------------------------------------

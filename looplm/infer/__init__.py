@@ -4,6 +4,6 @@ an lm-evaluation-harness adapter and a decode benchmark. The core does not impor
 
 from looplm.infer.cache import MODES, StaticKVCache
 from looplm.infer.generate import Generation, generate
-from looplm.infer.step import StepResult, fired_by, step
+from looplm.infer.step import StepResult, step
 
-__all__ = ["MODES", "Generation", "StaticKVCache", "StepResult", "fired_by", "generate", "step"]
+__all__ = ["MODES", "Generation", "StaticKVCache", "StepResult", "generate", "step"]

@@ -13,9 +13,9 @@ Rows leave only at single-token (decode) steps: in a prefill the tokens of one r
 different loops but later loops still attend to all of them, so a prefill runs every loop and
 the rule only selects each token's read-out loop.
 
-Exit rules are looplm.exits' rules, asked loop by loop: a rule is causal (its decision at loop t
-reads loops 1..t only), so with loops t+1..T filled by placeholders it exits by loop t exactly
-when it would given all T loops (tests/test_infer.py checks this for every default rule).
+Exit rules are looplm.exits' rules, asked after every loop through rule.loop_by_loop(T): a rule
+is causal (its exit at t reads loops 1..t only), so asked at t it exits exactly when it would
+given all T loops (tests/test_infer.py checks this for every default rule, also after rows left).
 """
 
 from dataclasses import dataclass
@@ -32,19 +32,22 @@ class StepResult:
     loops_run: torch.Tensor  # (B,) loops computed at the step's last position (0 for inactive rows)
 
 
-def fired_by(rule, gates: torch.Tensor, states: list, t: int, n_loops: int) -> torch.Tensor:
-    """(B, S) whether `rule` exits at a loop <= t, from gates (B, S, >= t) and states 1..t."""
-    pad = torch.zeros(*gates.shape[:-1], n_loops, dtype=gates.dtype, device=gates.device)
-    pad[..., :t] = gates[..., :t]
-    return rule.exit_loops(pad, list(states[:t]) + [states[t - 1]] * (n_loops - t)) <= t
-
-
 def _put(dst: torch.Tensor, rows, src: torch.Tensor) -> None:
     """dst[rows] = src in place (rows None: every row)."""
     if rows is None:
         dst.copy_(src)
     else:
         dst.index_copy_(0, rows, src)
+
+
+def _record(out: torch.Tensor, exit_loops: torch.Tensor, rows, new: torch.Tensor, h: torch.Tensor, t: int) -> None:
+    """Full-batch records: out takes h and exit_loops t where `new` (over `rows`; None: all) is set."""
+    if rows is None:
+        out.copy_(torch.where(new[..., None], h, out))
+        exit_loops.masked_fill_(new, t)
+    else:
+        out.index_copy_(0, rows, torch.where(new[..., None], h, out.index_select(0, rows)))
+        exit_loops.index_copy_(0, rows, exit_loops.index_select(0, rows).masked_fill(new, t))
 
 
 def _rows_context(full: LoopContext, cache: StaticKVCache, rows) -> LoopContext:
@@ -86,37 +89,37 @@ def step(model, ids: torch.Tensor, cache: StaticKVCache, n_loops: int, rule=None
         x = torch.zeros_like(x)
     device = ids.device
     exit_loops = torch.full((B, S), T, dtype=torch.long, device=device)
-    loops_run = torch.zeros(B, dtype=torch.long, device=device)
     out = x.new_zeros(B, S, x.shape[-1])
-    if rule is not None:  # full-batch records: the rule is asked about every row at once
-        alive = torch.ones(B, dtype=torch.bool, device=device) if computed is None else \
-            torch.zeros(B, dtype=torch.bool, device=device).index_fill_(0, computed, True)
-        decided = torch.zeros(B, S, dtype=torch.bool, device=device)
-        gates = x.new_zeros(B, S, T, dtype=torch.promote_types(x.dtype, torch.float32))
-        history = x.new_zeros(T, B, S, x.shape[-1])  # read-out state of each loop
+    first = computed  # the rows of loop 1: the step's computed rows
+    leave = rule is not None and skip and S == 1  # rows leave the batch at their exit
+    asked = None if rule is None else rule.loop_by_loop(T)
+    decided = None if rule is None or leave else torch.zeros(x.shape[:2], dtype=torch.bool, device=device)
     for t in range(1, T + 1):
         x, z = model.recurrence(x, ctx, loop=t - 1)
         if rule is None:
-            _put(loops_run, computed, torch.full_like(loops_run if computed is None else computed, t))
             if t == T:
                 _put(out, computed, model._readout_states(x, z, ctx, t)[0])
             continue
-        loops_run.masked_fill_(alive, t)
         h, g = model._readout_states(x, z, ctx, t)
-        _put(history[t - 1], computed, h)
-        _put(gates[:, :, t - 1], computed, model.exit_logits(g).to(gates.dtype))
-        fired = fired_by(rule, gates, list(history[:t]), t, T) if t < T else torch.ones_like(decided)
-        new = fired & ~decided & alive[:, None]
-        exit_loops.masked_fill_(new, t)
-        decided |= new
-        out = torch.where(new[..., None], history[t - 1], out)
-        if skip and S == 1 and t < T and bool(new.any()):
-            alive &= ~new[:, 0]
-            live = torch.nonzero(alive).squeeze(1)
-            if live.numel() == 0:
-                break
-            x = x[alive if computed is None else alive[computed]]  # the rows of x stay in order
-            computed = live
-            ctx = _rows_context(full, cache, computed)
+        fired = asked.fired(t, h, model.exit_logits(g) if asked.needs_gate else None)
+        new = fired if decided is None else fired & ~decided  # over the rows of x
+        if not bool(new.any()):
+            continue
+        _record(out, exit_loops, computed, new, h, t)
+        if decided is not None:  # the rows stay: later loops attend to every token
+            decided |= new
+            continue
+        stay = ~new[:, 0]
+        if not bool(stay.any()):
+            break
+        x = x[stay]  # the rows of x stay in order
+        asked.keep(stay)
+        computed = (torch.arange(B, device=device) if computed is None else computed)[stay]
+        ctx = _rows_context(full, cache, computed)
+    loops_run = torch.zeros(B, dtype=torch.long, device=device)
+    if leave:  # a row ran the loops up to its exit
+        _put(loops_run, first, exit_loops[:, 0] if first is None else exit_loops[first, 0])
+    else:
+        _put(loops_run, first, torch.full_like(loops_run if first is None else first, T))
     cache.finish(loops_run, T)
     return StepResult(states=out, exit_loops=exit_loops, loops_run=loops_run)
