@@ -9,8 +9,10 @@ Ouro compares these rules at matched mean exit loop (its Figure 5):
 
 A rule sees the gate logits and the read-out states of loops 1..T and returns the exit loop of
 every token. Like Ouro's public code, the frontier runs all T loops and then selects per token, so
-it measures accuracy against the mean exit loop, not saved compute. A new rule is one class
-registered with `@EXIT_RULES.register("name")`.
+it measures accuracy against the mean exit loop, not saved compute; looplm.infer skips the loops
+after each exit, asking the rule loop by loop (ExitRule.loop_by_loop). A new rule is one class
+registered with `@EXIT_RULES.register("name")`; its loop-by-loop form comes for free (a cheaper
+running one is optional).
 
 Every evaluation during training records the frontier of `default_rules(T)` (the Aim run value
 exit_frontier, and summary.json); `python -m looplm.exits RUN_DIR ...`
