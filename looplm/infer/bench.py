@@ -203,7 +203,7 @@ def table(report: dict) -> str:
 
 def plot(report: dict, path) -> None:
     """Decode tokens/s against mean loops computed, a panel per batch size: each exit rule's
-    points, all-T, and the ideal (all-T tokens/s times T / mean loops) dashed."""
+    points, all-T, the ideal (all-T tokens/s times T / mean loops) dashed, the lockstep bounds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,6 +220,9 @@ def plot(report: dict, path) -> None:
         for family in dict.fromkeys(r["rule"].split("=")[0] for r in rows):
             points = sorted((r["mean_loops"], r["tok_s"]) for r in rows if r["rule"].split("=")[0] == family)
             ax.plot(*zip(*points), "o-" if family != "all" else "ks", ms=4, label=family)
+        bounds = [(r["mean_loops"], base * r["lockstep"]) for r in rows if r["rule"] != "all" and r["lockstep"]]
+        if bounds:
+            ax.plot(*zip(*bounds), "x", color="grey", label="lockstep bound")
         ax.set(title=f"batch {batch}", xlabel="mean loops computed per token", ylabel="decode tokens/s")
         ax.legend(fontsize=7)
     fig.tight_layout()
