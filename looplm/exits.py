@@ -67,6 +67,10 @@ class LoopByLoop:
         does not matter); everything exits at the last loop."""
         if t == self.n_loops:
             return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
+        return self.exits_at(t, state, gate)
+
+    def exits_at(self, t: int, state: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """fired() before the last loop: what a running form overrides."""
         self.gates.append(gate)
         self.states.append(state)
         later = self.n_loops - t
@@ -96,16 +100,16 @@ class StaticExit(ExitRule):
     def loop_by_loop(self, n_loops):
         if self.loop > n_loops:
             raise ValueError(f"StaticExit.loop={self.loop} but the model runs {n_loops} loops")
-        return StaticLoopByLoop(self.loop)
+        return StaticLoopByLoop(self.loop, n_loops)
 
 
 class StaticLoopByLoop(LoopByLoop):
     needs_gate = False
 
-    def __init__(self, loop: int):
-        self.loop = loop
+    def __init__(self, loop: int, n_loops: int):
+        self.loop, self.n_loops = loop, n_loops
 
-    def fired(self, t, state, gate):
+    def exits_at(self, t, state, gate):
         return torch.full(state.shape[:-1], t >= self.loop, dtype=torch.bool, device=state.device)
 
     def keep(self, rows):
@@ -134,9 +138,7 @@ class QExitLoopByLoop(LoopByLoop):
     def __init__(self, q: float, n_loops: int):
         self.q, self.n_loops, self.gates = q, n_loops, None
 
-    def fired(self, t, state, gate):
-        if t == self.n_loops:
-            return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
+    def exits_at(self, t, state, gate):
         gate = at_least_float32(gate)[..., None]
         self.gates = gate if self.gates is None else torch.cat([self.gates, gate], dim=-1)
         return -torch.expm1(torch.cumsum(F.logsigmoid(-self.gates), dim=-1)[..., -1]) >= self.q
@@ -177,10 +179,8 @@ class StateChangeLoopByLoop(LoopByLoop):
     def __init__(self, threshold: float, n_loops: int):
         self.threshold, self.n_loops, self.prev = threshold, n_loops, None
 
-    def fired(self, t, state, gate):
+    def exits_at(self, t, state, gate):
         prev, self.prev = self.prev, state
-        if t == self.n_loops:
-            return torch.ones(state.shape[:-1], dtype=torch.bool, device=state.device)
         if prev is None:
             return torch.zeros(state.shape[:-1], dtype=torch.bool, device=state.device)
         return relative_change(prev, state) < self.threshold

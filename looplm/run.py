@@ -40,7 +40,7 @@ def parse_config(gin_files: list[str], bindings: list[str]) -> compose.Compositi
     return compose.read(gin_files, bindings, [GIN_DIR])
 
 
-def _message(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
     """The error's text without gin's "In call to configurable" trailer (the file and line of a
     binding that failed stay: they say where to look), with close names for an unknown one."""
     lines = [line for line in str(err).splitlines() if not line.strip().startswith("In call to configurable")]
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             print(line, flush=True)
         summary = train(control=control, existing=args.existing, run_name=run_name(args.gin, args.bind))
     except NonFiniteError as err:
-        print(f"non-finite: {_message(err)}", file=sys.stderr)
+        print(f"non-finite: {error_text(err)}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C twice, or during start-up): no checkpoint written this time",
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, ImportError, SyntaxError, tokenize.TokenError) as err:
         if control.started:
             raise
-        print(f"config error: {_message(err)}", file=sys.stderr)
+        print(f"config error: {error_text(err)}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -287,8 +287,10 @@ def main(argv=None) -> int:
         try:
             cfg = model_config(args.preset, vocab_size=args.vocab, **given) if args.preset else \
                 ModelConfig(vocab_size=args.vocab, **{**SHAPE, **given})
-        except ValueError as error:  # the first line: gin appends the configurables it went through
-            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        except ValueError as error:
+            from looplm.run import error_text  # without gin's trailer of the configurables it went through
+
+            print(f"error: {error_text(error)}", file=sys.stderr)
             return 2
         model = LoopLM(cfg).eval()
         with torch.no_grad():
