@@ -92,17 +92,13 @@ class Attention(nn.Module):
         v = v.view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        runs = None
-        if cache is not None:
-            k, v = cache.update(slot, k, v)
-            runs = cache.query_runs
-        gqa, causal = self.kv_heads != self.n_heads, mask is None and S > 1
-        if runs is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        else:  # keys of the cache's whole batch, uncopied: each run of query rows reads its own rows
-            y = torch.cat([F.scaled_dot_product_attention(q[i:j], k[r:r + j - i], v[r:r + j - i], is_causal=causal,
-                                                          attn_mask=None if mask is None else mask[i:j],
-                                                          enable_gqa=gqa) for i, j, r in runs])
+        # (first query, end query, keys, values, mask) spans: a cache may store keys for several rows
+        # or loops apart, and each span of queries attends to its own, in place
+        spans = [(0, B, k, v, mask)] if cache is None else cache.update(slot, k, v, mask)
+        gqa = self.kv_heads != self.n_heads
+        ys = [F.scaled_dot_product_attention(q[i:j], keys, values, attn_mask=m, is_causal=m is None and S > 1,
+                                             enable_gqa=gqa) for i, j, keys, values, m in spans]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -55,14 +55,15 @@ class KVCache:
     `loop * N + layer`; prelude and coda layers get their own."""
 
     slots: dict = field(default_factory=dict)
-    query_runs = None  # the queries are every row of the keys returned (looplm.infer's cache: runs of rows)
 
-    def update(self, slot, k, v):
+    def update(self, slot, k, v, mask=None) -> list:
+        """Append the new keys and values of `slot`; return the attention spans (first query,
+        end query, keys, values, mask): here one, every query over every key so far."""
         if slot in self.slots:
             k = torch.cat([self.slots[slot][0], k], dim=2)
             v = torch.cat([self.slots[slot][1], v], dim=2)
         self.slots[slot] = (k, v)
-        return k, v
+        return [(0, k.shape[0], k, v, mask)]
 
     @property
     def length(self) -> int:

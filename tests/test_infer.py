@@ -192,12 +192,14 @@ def test_cache_memory_per_mode_and_in_place_writes():
     cache = StaticKVCache(2, 5)
     cache.begin(2)
     k = torch.randn(2, 1, 2, 4)
-    keys, _ = cache.view().update(("loop", 0, 0), k, k)
-    assert keys.data_ptr() == cache.buffers[("loop", 0, 0)][0].data_ptr()  # a view, not a copy
-    view = cache.view(torch.tensor([1]))  # a subset of rows: it writes its own, attends to all in place
-    keys, _ = view.update(("loop", 0, 0), 2 * k[1:], k[1:])
-    assert keys.data_ptr() == cache.buffers[("loop", 0, 0)][0].data_ptr() and view.query_runs == [(0, 1, 1)]
-    assert torch.equal(keys[1], 2 * k[1]) and torch.equal(keys[0], k[0])
+    [(i, j, keys, _, mask)] = cache.view().update(("loop", 0, 0), k, k)
+    assert keys.data_ptr() == cache.buffer(("loop", 0, 0), k)[0].data_ptr()  # a view, not a copy
+    assert (i, j, mask) == (0, 2, None)
+    view = cache.view(torch.tensor([1]))  # a subset of rows: it writes its own, attends to its own in place
+    [(i, j, keys, _, _)] = view.update(("loop", 0, 0), 2 * k[1:], k[1:])
+    buffer = cache.buffer(("loop", 0, 0), k)[0]
+    assert (i, j) == (0, 1) and keys.data_ptr() == buffer[1:].data_ptr()
+    assert torch.equal(buffer[1, :, :2], 2 * k[1]) and torch.equal(buffer[0, :, :2], k[0])
     cache.finish(torch.tensor([1, 1]), 1)
     cache.begin(3)
     with pytest.raises(ValueError, match="max_len=5"):

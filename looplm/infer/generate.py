@@ -1,10 +1,12 @@
-"""Batched generation from a LoopLM: left-padded prompts of any lengths, one StaticKVCache,
+"""Batched generation from a LoopLM: left-padded prompts of any lengths on a StaticKVCache,
 sampling (greedy, temperature, top-k, top-p), per-row stop at EOS, and per-token early exit that
-skips the loops after each token's exit (looplm.infer.step).
+skips the loops after each token's exit.
 
-Finished rows sit out the remaining steps (they are not computed). Each generated token records
-the loop its prediction came from; `loops_computed` counts the loops run for it up to its exit (a
-prefill runs all T, so the first token of every row counts T).
+Two schedules: "lockstep" (looplm.infer.step) decodes one token of every row per step, finished
+rows sitting out; "staggered" (looplm.infer.staggered) lets every row run its own loops of its
+own tokens, and with `slots` fewer than the prompts, a waiting prompt takes the first free slot.
+Each generated token records the loop its prediction came from; `loops_computed` counts the loops
+run for it up to its exit (a prefill runs all T, so the first token of every row counts T).
 """
 
 import time
@@ -16,7 +18,10 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 
 from looplm.config import is_integer
 from looplm.infer.cache import MODES, StaticKVCache
+from looplm.infer.staggered import serve
 from looplm.infer.step import step
+
+SCHEDULES = ("lockstep", "staggered")
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Generation:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _check(model, prompts, max_new_tokens, n_loops, cache, temperature, top_k, top_p, eos):
+def _check(model, prompts, max_new_tokens, n_loops, cache, temperature, top_k, top_p, eos, skip, schedule, slots):
     vocab = model.cfg.vocab_size
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
@@ -67,6 +72,12 @@ def _check(model, prompts, max_new_tokens, n_loops, cache, temperature, top_k, t
         raise ValueError(f"n_loops={n_loops!r} must be an integer >= 1")
     if cache not in MODES:
         raise ValueError(f"cache={cache!r}: allowed are {MODES}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: allowed are {SCHEDULES}")
+    if schedule == "staggered" and not skip:
+        raise ValueError("schedule='staggered' runs each row's loops up to its exit only: it needs skip=True")
+    if slots is not None and (not is_integer(slots) or slots < 1):
+        raise ValueError(f"slots={slots!r} must be None or an integer >= 1")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
     if top_k is not None and (not is_integer(top_k) or top_k < 1):
@@ -93,53 +104,94 @@ def sampler(temperature: float, top_k, top_p, generator=None):
     return draw
 
 
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int | None = None,
-             cache: str = "per_loop", temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, eos: int | None = None, generator=None,
-             skip: bool = True) -> Generation:
-    """Generate up to `max_new_tokens` after each prompt (lists of token ids).
+def lockstep_decode(model, kv, nxt, n_loops, rule, pick, max_new_tokens, eos, tokens, exit_loops, skip) -> int:
+    """Decode one token of every unfinished row per step (finished rows sit out), after a
+    prefill whose tokens `nxt` are recorded in `tokens` / `exit_loops`. Returns the loops computed."""
+    done = torch.zeros_like(nxt, dtype=torch.bool) if eos is None else nxt == eos
+    computed = 0
+    for _ in range(1, max_new_tokens):
+        if done.all():
+            break
+        active = None if not done.any() else torch.nonzero(~done).squeeze(1)
+        result = step(model, nxt[:, None], kv, n_loops, rule, active=active, skip=skip)
+        computed += int(result.loops_run.sum())
+        nxt = pick(model.logits(result.states[:, -1]))
+        new, exits = nxt.tolist(), result.exit_loops[:, -1].tolist()  # one device sync a step
+        for i in torch.nonzero(~done).squeeze(1).tolist():
+            tokens[i].append(new[i])
+            exit_loops[i].append(exits[i])
+        if eos is not None:
+            done |= nxt == eos
+    return computed
 
-    exit_rule: a looplm.exits rule deciding each token's exit loop (None: all n_loops, default
-    cfg.n_loops). skip=False computes every loop even with a rule (select only)."""
-    T = model.cfg.n_loops if n_loops is None else n_loops
-    _check(model, prompts, max_new_tokens, T, cache, temperature, top_k, top_p, eos)
-    was_training = model.training
-    model.eval()
-    try:
-        device = model.embed.weight.device
+
+class Prefill:
+    """Runs and times a generation's prefills: left-padded prompts through every loop, the rule
+    selecting each token's read-out loop, and the first new token picked."""
+
+    def __init__(self, model, n_loops, rule, mode, pick):
+        self.model, self.n_loops, self.rule, self.mode, self.pick = model, n_loops, rule, mode, pick
+        self.seconds = self.cpu_seconds = 0.0
+        self.loops = 0
+
+    def __call__(self, prompts: list, max_len: int) -> tuple:
+        """(StaticKVCache holding the prompts, first tokens (B,), their exit loops (B,))."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        device = self.model.embed.weight.device
         lengths = torch.tensor([len(p) for p in prompts])
         width = int(lengths.max())
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
-        kv = StaticKVCache(len(prompts), width + max_new_tokens, cache, start=(width - lengths).to(device))
+        kv = StaticKVCache(len(prompts), max_len, self.mode, start=(width - lengths).to(device), n_loops=self.n_loops)
+        # skip=False: a prompt of one token is a prefill too, every loop run (its keys all computed)
+        result = step(self.model, ids.to(device), kv, self.n_loops, self.rule, skip=False)
+        first = self.pick(self.model.logits(result.states[:, -1]))
+        self.loops += int(result.loops_run.sum())
+        self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
+        return kv, first, result.exit_loops[:, -1]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int | None = None,
+             cache: str = "per_loop", temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos: int | None = None, generator=None,
+             skip: bool = True, schedule: str = "lockstep", slots: int | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt (lists of token ids).
+
+    exit_rule: a looplm.exits rule deciding each token's exit loop (None: all n_loops, default
+    cfg.n_loops). skip=False computes every loop even with a rule (select only). slots: rows
+    decoding at once (default: every prompt). schedule: "lockstep" decodes one token of every
+    row per step, its loop t while any row needs it, `slots` prompts at a time; "staggered" runs
+    each row's own loops of its own tokens, and a waiting prompt takes a slot as soon as one
+    frees (looplm.infer.staggered)."""
+    T = model.cfg.n_loops if n_loops is None else n_loops
+    _check(model, prompts, max_new_tokens, T, cache, temperature, top_k, top_p, eos, skip, schedule, slots)
+    slots = len(prompts) if slots is None else min(slots, len(prompts))
+    was_training = model.training
+    model.eval()
+    try:
         pick = sampler(temperature, top_k, top_p, generator)
+        prefill = Prefill(model, T, exit_rule, cache, pick)
+        tokens, exit_loops = [[] for _ in prompts], [[] for _ in prompts]
         t0, c0 = time.perf_counter(), time.process_time()
-        result = step(model, ids.to(device), kv, T, exit_rule, skip=skip)
-        loops = result.loops_run.clone()
-        prefill = int(loops.sum())
-        nxt = pick(model.logits(result.states[:, -1]))
-        t1, c1 = time.perf_counter(), time.process_time()
-        out_tokens, out_loops = [[] for _ in prompts], [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        for n in range(max_new_tokens):
-            if n:  # the next token of the rows still going (finished rows sit the step out)
-                active = None if not done.any() else torch.nonzero(~done).squeeze(1)
-                result = step(model, nxt[:, None], kv, T, exit_rule, active=active, skip=skip)
-                loops += result.loops_run
-                nxt = pick(model.logits(result.states[:, -1]))
-            tokens, exits = nxt.tolist(), result.exit_loops[:, -1].tolist()  # one device sync a step
-            for i in torch.nonzero(~done).squeeze(1).tolist():
-                out_tokens[i].append(tokens[i])
-                out_loops[i].append(exits[i])
-            if eos is not None:
-                done |= nxt == eos
-                if done.all():
-                    break
-        return Generation(out_tokens, out_loops, loops_computed=int(loops.sum()),
+        if schedule == "staggered":
+            decoded, cache_bytes = serve(model, list(prompts), slots, prefill, T, exit_rule, pick, max_new_tokens,
+                                         eos, tokens, exit_loops)
+        else:
+            decoded = cache_bytes = 0
+            for lo in range(0, len(prompts), slots):
+                chunk = prompts[lo:lo + slots]
+                kv, first, exits = prefill(chunk, max(len(p) for p in chunk) + max_new_tokens)
+                for i, token, e in zip(range(lo, lo + len(chunk)), first.tolist(), exits.tolist()):
+                    tokens[i], exit_loops[i] = [token], [e]
+                decoded += lockstep_decode(model, kv, first, T, exit_rule, pick, max_new_tokens, eos,
+                                           tokens[lo:lo + slots], exit_loops[lo:lo + slots], skip=skip)
+                cache_bytes = max(cache_bytes, kv.nbytes)
+        return Generation(tokens, exit_loops, loops_computed=prefill.loops + decoded,
                           seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,
-                          prefill_seconds=t1 - t0, prefill_cpu_seconds=c1 - c0, cache_bytes=kv.nbytes,
-                          prefill_loops=prefill)
+                          prefill_seconds=prefill.seconds, prefill_cpu_seconds=prefill.cpu_seconds,
+                          cache_bytes=cache_bytes, prefill_loops=prefill.loops)
     finally:
         model.train(was_training)
