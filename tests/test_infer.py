@@ -277,7 +277,8 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     out = tmp_path / "bench.json"
     code = main(["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--n-loops", "3",
                  "--vocab", "32", "--batches", "1,2", "--long-batches", "2", "--prompt", "4", "--new", "3",
-                 "--long", "10", "--repeats", "1", "--exit-batches", "2,1", "--json", str(out),
+                 "--long", "10", "--repeats", "1", "--exit-batches", "2,1", "--serve-slots", "2",
+                 "--serve-waves", "2", "--serve-new", "3", "--serve-repeats", "1", "--json", str(out),
                  "--plot", str(tmp_path / "decode.png")])
     assert code == 0
     report = json.loads(out.read_text())
@@ -290,10 +291,17 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
     for row in report["early_exit"]:  # batch 1 first; there each loop costs the same, so the bound is the ideal
         assert row["lockstep"] == pytest.approx(row["ideal"]) if row["batch"] == 1 else row["lockstep"] > 0
     assert [r["batch"] for r in report["early_exit"]][0] == 1
+    serving = report["serving"]  # a queue of 4 prompts over 2 slots, every rule in both schedules
+    assert {(r["rule"].split("=")[0], r["schedule"]) for r in serving} == \
+        {(rule, s) for rule in ("all", "q_exit", "state_change") for s in ("lockstep", "staggered")}
+    assert all(r["same_tokens"] and r["prompts"] == 4 for r in serving)
+    assert serving[0]["schedule"] == "lockstep" and serving[0]["speedup"] == 1.0
     assert "| cache mode |" in capsys.readouterr().out
     assert (tmp_path / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--prompt", "0"]) == 2
     assert main(["--preset", "tiny", "--n-heads", "5"]) == 2  # 5 heads do not divide the preset's width
+    assert main(["--serve-waves", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --prompt=0 must be >= 1",
                                                             "error: ModelConfig.n_heads=5 must divide d_model=32 "
-                                                            "(allowed: [1, 2, 4, 8, 16, 32])"]
+                                                            "(allowed: [1, 2, 4, 8, 16, 32])",
+                                                            "error: --serve-waves=0 must be >= 1"]

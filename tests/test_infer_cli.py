@@ -85,6 +85,25 @@ def test_eval_command_scores_each_rule_and_agrees_with_generate(run_dir, tmp_pat
     assert "trained on 'addition'" in capsys.readouterr().err
 
 
+def test_staggered_schedule_on_the_command_line_scores_and_generates_as_lockstep(run_dir, tmp_path, capsys):
+    rows = {}
+    for schedule in ("lockstep", "staggered"):
+        out_json = tmp_path / f"{schedule}.json"
+        assert eval_main([str(run_dir), "--rule", "q_exit=0.5", "--rule", "all", "--max-examples", "12",
+                          "--batch-size", "5", "--schedule", schedule, "--json", str(out_json)]) == 0
+        rows[schedule] = [{k: r[k] for k in ("rule", "exact_match", "token_acc", "mean_loops")}
+                          for r in json.loads(out_json.read_text())]
+    assert rows["staggered"] == rows["lockstep"]
+    printed = []
+    for schedule in ("lockstep", "staggered"):
+        assert generate_main([str(run_dir), "--prompt", "1234+5678=", "--prompt", "12+34=", "--prompt", "9+9=",
+                              "--rule", "q_exit=0.5", "--schedule", schedule, "--slots", "2"]) == 0
+        printed.append([line for line in capsys.readouterr().out.splitlines() if "->" in line])
+    assert printed[0] == printed[1] and len(printed[0]) == 3
+    assert generate_main([str(run_dir), "--prompt", "1+1=", "--slots", "0"]) == 2
+    assert "slots=0" in capsys.readouterr().err
+
+
 def test_held_out_units_are_the_prompts_and_answers_of_the_task(run_dir):
     _, task = load_run(run_dir)
     units = held_out_units(task)

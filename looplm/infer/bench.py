@@ -8,7 +8,10 @@ Side by side in one process, on random prompts (greedy, no EOS, every row genera
   3. early exit: decode tokens/s and the loops actually computed per decoded token for each exit
      rule (the prefill, which runs every loop, left out), the speed-up over all-T next to the
      ideal T / mean loops and to the lockstep bound (a batch runs a loop while any row needs it);
-  4. the KV-cache memory of each sharing mode.
+  4. serving a queue of prompts over a fixed number of slots: lockstep (batches of `slots`) against
+     staggered decoding (every row at its own loop, a waiting prompt taking the first free slot),
+     each rule's speed-up over all-T lockstep next to the ideal;
+  5. the KV-cache memory of each sharing mode.
 Each timing is the best process CPU time of --repeats interleaved runs (tokens per CPU second:
 on a shared machine wall time also counts other jobs); --threads 1 makes it one core's work.
 Without --run the model is untrained, its gate re-drawn (std --gate-std) so that exits spread over
@@ -98,7 +101,7 @@ def measure(model, args) -> dict:
     report = {"model": {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                         "d_ff": cfg.d_ff, "n_loops": T, "vocab_size": cfg.vocab_size},
               "threads": torch.get_num_threads(), "decode": [], "long": [], "early_exit": [],
-              "memory": []}
+              "serving": [], "memory": []}
     llama = llama_twin(cfg, args.prompt + max(args.new, args.long))
     for batch in args.batches:
         ids = random_prompts(cfg.vocab_size, batch, args.prompt)
@@ -125,6 +128,8 @@ def measure(model, args) -> dict:
               f"decode", flush=True)
     for batch in sorted(set(args.exit_batches)):  # batch 1 first: the lockstep bound's fit needs it
         early_exit(model, args, batch, report)
+    for slots in args.serve_slots:
+        serving(model, args, slots, report)
     prompts = random_prompts(cfg.vocab_size, args.exit_batches[0], args.prompt).tolist()
     for mode in MODES:
         out = generate(model, prompts, args.new, cache=mode)
@@ -179,6 +184,33 @@ def early_exit(model, args, batch: int, report: dict) -> None:
               f"speed-up {row['speedup']:.2f}x of ideal {row['ideal']:.2f}x{bound}", flush=True)
 
 
+def serving(model, args, slots: int, report: dict) -> None:
+    """--serve-waves x slots prompts through `slots` rows, each exit rule in both schedules: decode
+    tokens/s, loops per token, the speed-up over all-T lockstep, and whether the tokens equal
+    lockstep's (greedy: they must)."""
+    T = model.cfg.n_loops
+    prompts = random_prompts(model.cfg.vocab_size, args.serve_waves * slots, args.prompt, seed=1).tolist()
+    rules = [None, *[QExit(q) for q in args.q], *[StateChangeExit(tau) for tau in args.tau]]
+    names = ["all" if rule is None else f"{rule.label[0]}={rule.label[1]:g}" for rule in rules]
+    contenders = {f"{name} {schedule}": (lambda rule=rule, schedule=schedule: generate(
+        model, prompts, args.serve_new, exit_rule=rule, schedule=schedule, slots=slots))
+        for name, rule in zip(names, rules) for schedule in ("lockstep", "staggered")}
+    times = race(args.serve_repeats, contenders)
+    base = decode_seconds(times["all lockstep"][1])
+    for name in names:
+        lockstep = times[f"{name} lockstep"][1]
+        for schedule in ("lockstep", "staggered"):
+            out = times[f"{name} {schedule}"][1]
+            seconds, decoded = decode_seconds(out), out.n_tokens - len(out.tokens)
+            row = {"rule": name, "schedule": schedule, "slots": slots, "prompts": len(prompts),
+                   "tok_s": decoded / seconds, "mean_loops": out.decode_mean_loops, "speedup": base / seconds,
+                   "ideal": T / out.decode_mean_loops, "same_tokens": out.tokens == lockstep.tokens}
+            row["efficiency"] = row["speedup"] / row["ideal"]
+            report["serving"].append(row)
+            print(f"serve {name} {schedule} slots {slots}: {row['tok_s']:.0f} decode tok/s, mean loops "
+                  f"{row['mean_loops']:.2f}, speed-up {row['speedup']:.2f}x of ideal {row['ideal']:.2f}x", flush=True)
+
+
 def table(report: dict) -> str:
     """The report as Markdown tables (what the README quotes)."""
     m = report["model"]
@@ -196,6 +228,11 @@ def table(report: dict) -> str:
     lines += [f"| {r['rule']} | {r['batch']} | {r['tok_s']:.0f} | {r['mean_loops']:.2f} | {r['speedup']:.2f} | "
               f"{r['ideal']:.2f} | {r['efficiency']:.2f} | "
               f"{'-' if r['lockstep'] is None else format(r['lockstep'], '.2f')} |" for r in report["early_exit"]]
+    lines += ["", "| rule | schedule | slots | prompts | decode tok/s | mean loops | speed-up | ideal T/mean | "
+              "speed-up / ideal | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['schedule']} | {r['slots']} | {r['prompts']} | {r['tok_s']:.0f} | "
+              f"{r['mean_loops']:.2f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['efficiency']:.2f} | "
+              f"{r['same_tokens']} |" for r in report["serving"]]
     lines += ["", "| cache mode | batch | max_len | KV memory (MiB) |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['batch']} | {r['max_len']} | {r['bytes'] / 2**20:.2f} |" for r in report["memory"]]
     return "\n".join(lines)
@@ -257,14 +294,21 @@ def main(argv=None) -> int:
     parser.add_argument("--exit-batches", type=_ints, default=[1, 8, 64])
     parser.add_argument("--q", type=_floats, default=[0.5, 0.7, 0.9])
     parser.add_argument("--tau", type=_floats, default=[0.25])
+    parser.add_argument("--serve-slots", type=_ints, default=[8, 64], help="slots of the serving queue")
+    parser.add_argument("--serve-waves", type=int, default=4, help="prompts in the queue per slot")
+    parser.add_argument("--serve-new", type=int, default=64, help="new tokens per prompt in the queue")
+    parser.add_argument("--serve-repeats", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the report to this JSON file")
     parser.add_argument("--plot", help="write tokens/s against mean loops per exit rule to this PNG file")
     args = parser.parse_args(argv)
     bad = [f"--{k}={v} must be >= 1" for k, v in (("prompt", args.prompt), ("new", args.new),
-                                                  ("repeats", args.repeats)) if v < 1]
-    lists = (("batches", args.batches), ("long-batches", args.long_batches), ("exit-batches", args.exit_batches))
+                                                  ("repeats", args.repeats), ("serve-waves", args.serve_waves),
+                                                  ("serve-new", args.serve_new),
+                                                  ("serve-repeats", args.serve_repeats)) if v < 1]
+    lists = (("batches", args.batches), ("long-batches", args.long_batches), ("exit-batches", args.exit_batches),
+             ("serve-slots", args.serve_slots))
     bad += [f"--{name}={b} must be >= 1" for name, batches in lists for b in batches if b < 1]
     bad += ["--exit-batches lists no batch (the memory table uses its first)"] if not args.exit_batches else []
     if args.long <= args.prompt:

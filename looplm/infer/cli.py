@@ -10,7 +10,7 @@ import torch
 from looplm.checkpoint import CheckpointError
 from looplm.exits import default_rules
 from looplm.infer.cache import MODES
-from looplm.infer.generate import generate
+from looplm.infer.generate import SCHEDULES, generate
 from looplm.infer.held_out import held_out_units, parse_rule, score
 from looplm.infer.load import RunError, encode, load_run, parse_ids, set_threads
 
@@ -19,6 +19,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder (train.run_dir) with config.gin and checkpoint.pt")
     parser.add_argument("--n-loops", type=int, help="loops T (default: the model's trained T)")
     parser.add_argument("--cache", default="per_loop", choices=MODES, help="KV sharing across loops")
+    parser.add_argument("--schedule", default="lockstep", choices=SCHEDULES, help="lockstep: one token of "
+                        "every row per step; staggered: each row at its own loop of its own token, a waiting "
+                        "prompt taking the first free slot")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
@@ -49,6 +52,7 @@ def generate_main(argv=None) -> int:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-eos", action="store_true", help="do not stop at the task's EOS token")
+    parser.add_argument("--slots", type=int, help="prompts decoding at once (default: all)")
     args = parser.parse_args(argv)
     try:
         set_threads(args.threads)
@@ -60,7 +64,8 @@ def generate_main(argv=None) -> int:
         eos = None if args.no_eos else getattr(task, "eos_id", None)
         out = generate(model, prompts, args.max_new_tokens, exit_rule=rule, n_loops=args.n_loops,
                        cache=args.cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       eos=eos, generator=torch.Generator().manual_seed(args.seed))
+                       eos=eos, generator=torch.Generator().manual_seed(args.seed), schedule=args.schedule,
+                       slots=args.slots)
     except (RunError, CheckpointError, ValueError) as error:
         return _fail(error)
     for prompt, new, loops in zip(prompts, out.tokens, out.exit_loops):
@@ -80,7 +85,7 @@ def eval_main(argv=None) -> int:
     parser.add_argument("--rule", action="append", default=[], help="exit rule NAME=VALUE or 'all' "
                         "(repeatable; default: every static loop, Q-exit 0.1..1.0, state change)")
     parser.add_argument("--max-examples", type=int, help="score only the first N held-out answers")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="answers decoding at once (the slots)")
     parser.add_argument("--select-only", action="store_true", help="also score each rule computing "
                         "every loop (the rule only selects): the accuracy cost of skipping")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -103,7 +108,7 @@ def eval_main(argv=None) -> int:
         for rule in rules:
             name, setting = ("all", T) if rule is None else rule.label
             row = {"rule": name, "setting": setting,
-                   **score(model, units, rule, T, args.batch_size, cache=args.cache)}
+                   **score(model, units, rule, T, args.batch_size, cache=args.cache, schedule=args.schedule)}
             if args.select_only and rule is not None:
                 selected = score(model, units, rule, T, args.batch_size, cache=args.cache, skip=False)
                 row["exact_match_select_only"] = selected["exact_match"]
@@ -115,7 +120,7 @@ def eval_main(argv=None) -> int:
     from rich.table import Table
 
     table = Table(title=f"{len(units)} held-out answers of {type(task).__name__}, generated greedily, "
-                        f"T = {T}, cache {args.cache}")
+                        f"T = {T}, cache {args.cache}, {args.schedule}")
     columns = ["rule", "setting", "exact_match", "token_acc", "mean_loops", "tokens_per_s"]
     columns += ["exact_match_select_only", "token_acc_select_only"] * args.select_only
     for col in columns:

@@ -61,15 +61,16 @@ def parse_rule(text: str):
 
 
 def score(model, units: list[Unit], rule, n_loops: int, batch_size: int, cache: str = "per_loop",
-          skip: bool = True) -> dict:
-    """Exact match, token accuracy, mean loops computed and tokens/s of greedy answers."""
+          skip: bool = True, schedule: str = "lockstep") -> dict:
+    """Exact match, token accuracy, mean loops computed and tokens/s of greedy answers, `batch_size`
+    decoding at once: in batches (lockstep), or as a queue over that many slots (staggered)."""
     exact = correct = n_tokens = loops = generated = 0
     seconds = 0.0
-    for start in range(0, len(units), batch_size):
-        chunk = units[start:start + batch_size]
+    for start in range(0, len(units), batch_size if schedule == "lockstep" else len(units)):
+        chunk = units[start:start + batch_size] if schedule == "lockstep" else units
         width = max(len(u.answer) for u in chunk)
         out = generate(model, [u.prompt for u in chunk], width, exit_rule=rule, n_loops=n_loops,
-                       cache=cache, skip=skip)
+                       cache=cache, skip=skip, schedule=schedule, slots=batch_size)
         for unit, new in zip(chunk, out.tokens):
             hits = [a == b for a, b in zip(new, unit.answer)]
             exact += all(hits) and len(new) >= len(unit.answer)
