@@ -16,6 +16,7 @@ from looplm.data.addition import AdditionTask  # noqa: E402
 from looplm.exits import QExit  # noqa: E402
 from looplm.infer.generate import generate  # noqa: E402
 from looplm.infer.harness import LoopLMHarness, main  # noqa: E402
+from looplm.infer.load import RunError  # noqa: E402
 from looplm.model import LoopLM  # noqa: E402
 from looplm.run import main as run_main  # noqa: E402
 
@@ -131,6 +132,11 @@ def test_lm_eval_runs_the_registered_looplm_model_on_local_task_files(run_dir, t
     expected = sum(a == d["answer"] for a, d in zip(answers, DOCS)) / len(DOCS)
     assert scores["looplm_gen"]["exact_match,none"] == pytest.approx(expected)
     assert "exit_rule=q_exit=0.5" in out["config"]["model_args"]
+    queue = LoopLMHarness(run_dir=str(run_dir), n_loops=3, exit_rule="q_exit=0.5", schedule="staggered", batch_size=2)
+    assert queue.generate_until([Instance("generate_until", {}, (d["question"], {"until": ["<eos>"], "max_gen_toks": 4}), i)
+                                 for i, d in enumerate(DOCS)]) == answers  # a queue over 2 slots, the same answers
+    with pytest.raises(RunError, match="schedule='async': allowed are"):
+        LoopLMHarness(run_dir=str(run_dir), schedule="async")
 
 
 def test_harness_command_line_names_the_looplm_model(capsys):

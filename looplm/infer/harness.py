@@ -7,7 +7,8 @@ model arguments:
 
 Log-likelihoods are teacher-forced passes: every loop runs and the exit rule selects each token's
 read-out loop. Generation uses looplm.infer.generate, where the rule skips the loops after each
-exit. Text is tokenized by the run's task (its encode, tokenizer or vocabulary).
+exit, in batches of batch_size (schedule=lockstep) or as a queue over batch_size slots
+(schedule=staggered). Text is tokenized by the run's task (its encode, tokenizer or vocabulary).
 """
 
 import sys
@@ -19,7 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from looplm.infer.cache import MODES
-from looplm.infer.generate import generate
+from looplm.infer.generate import SCHEDULES, generate
 from looplm.infer.held_out import parse_rule
 from looplm.infer.load import RunError, encode, load_run
 
@@ -28,7 +29,7 @@ from looplm.infer.load import RunError, encode, load_run
 class LoopLMHarness(LM):
     def __init__(self, run_dir: str | None = None, n_loops: int | None = None, exit_rule: str = "all",
                  cache: str = "per_loop", batch_size: int = 16, max_length: int = 512,
-                 max_gen_toks: int = 64, model=None, task=None, **unused):
+                 max_gen_toks: int = 64, schedule: str = "lockstep", model=None, task=None, **unused):
         super().__init__()
         if model is None:
             if run_dir is None:
@@ -36,6 +37,9 @@ class LoopLMHarness(LM):
             model, task = load_run(run_dir)
         if cache not in MODES:
             raise RunError(f"cache={cache!r}: allowed are {MODES}")
+        if schedule not in SCHEDULES:
+            raise RunError(f"schedule={schedule!r}: allowed are {SCHEDULES}")
+        self.schedule = schedule
         self.model, self.task = model.eval(), task
         self.n_loops = int(n_loops) if n_loops is not None else model.cfg.n_loops
         self.rule = parse_rule(str(exit_rule)) if isinstance(exit_rule, str) else exit_rule
@@ -110,12 +114,15 @@ class LoopLMHarness(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+            # lockstep: batches of batch_size; staggered: one queue over batch_size slots
+            step = self.batch_size if self.schedule == "lockstep" else len(indices)
+            for start in range(0, len(indices), step):
+                chunk = indices[start:start + step]
                 prompts = [([self.prefix] + self._encode(requests[i].args[0]))[-self.max_length:] for i in chunk]
                 new = generate(self.model, prompts, int(kwargs.get("max_gen_toks", self.max_gen_toks)),
                                exit_rule=self.rule, n_loops=self.n_loops, cache=self.cache,
-                               temperature=temperature, eos=self.eos).tokens
+                               temperature=temperature, eos=self.eos, schedule=self.schedule,
+                               slots=self.batch_size).tokens
                 for i, tokens in zip(chunk, new):
                     if self.eos is not None and tokens and tokens[-1] == self.eos:
                         tokens = tokens[:-1]

@@ -5,7 +5,9 @@ batch saves only what its rows skip together. But a looped model's loops share o
 weights and a batch's rows are independent sequences: nothing ties row b's loop to row c's. Here
 every tick applies the stack once to every live row, each at its own loop t_b of its own token;
 a row whose rule fires reads out, picks its next token, and starts it at loop 1 on the next tick.
-Every tick is a full batch of needed work, so the saving approaches T / mean loops at any batch.
+With more prompts than slots, a waiting prompt is prefilled and copied into the first slot that
+frees. While the queue keeps the slots full, every tick is a full batch of needed work: the ticks
+approach total loops / slots, where lockstep runs, for every token, as many loops as its slowest row.
 
 What differs between rows is the cache slot (loop t_b's keys and values) and the position. The
 queries are kept sorted by (loop, row): each loop's rows form one block, which writes its keys
@@ -189,9 +191,10 @@ def serve(model, prompts: list, slots: int, prefill, n_loops: int, rule, pick, m
         cache.settle(out_rows, positions[out_rows], out_loops, T, stash)
         out_list, picked_list = out_rows.tolist(), picked.tolist()
         on = record(out_list, picked_list, out_loops.tolist())
-        new_tokens = [t for r, t in zip(out_list, picked_list) if r in set(on)]
+        going = set(on)
+        new_tokens = [t for r, t in zip(out_list, picked_list) if r in going]
         positions[torch.tensor(on, dtype=torch.long, device=device)] += 1
-        admitted, admitted_first = admit([r for r in out_list if r not in set(on)])
+        admitted, admitted_first = admit([r for r in out_list if r not in going])
         new_rows = torch.tensor(on + admitted, dtype=torch.long, device=device)
         stay = ~fired
         x, rows, loops = x[stay], rows[stay], loops[stay] + 1
