@@ -305,3 +305,14 @@ def test_decode_benchmark_runs_small_and_agrees_with_the_concatenating_cache(tmp
                                                             "error: ModelConfig.n_heads=5 must divide d_model=32 "
                                                             "(allowed: [1, 2, 4, 8, 16, 32])",
                                                             "error: --serve-waves=0 must be >= 1"]
+
+
+def test_a_one_token_prompt_is_a_prefill_every_loop_runs():
+    """Alone or next to longer prompts, a prompt's tokens run every loop (its keys at every loop
+    computed); the rule selects the read-out loop of its first new token."""
+    model = make_model()
+    T = model.cfg.n_loops
+    alone = generate(model, [[5]], 3, exit_rule=StaticExit(1))
+    assert alone.prefill_loops == T and alone.loops_computed == T + 2 and alone.exit_loops == [[1, 1, 1]]
+    beside = generate(model, [[5], [1, 2, 3]], 3, exit_rule=StaticExit(1))
+    assert beside.tokens[0] == alone.tokens[0] and beside.prefill_loops == 2 * T
