@@ -3,6 +3,7 @@ each checked against a second, independent computation (full forward passes, or 
 decode on the core's concatenating KVCache)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -48,6 +49,30 @@ def check_greedy(model, prompts, n_loops, T):
             for j, token in enumerate(new):
                 assert token == full_pass_argmax(model, prompt + new[:j], T)
     assert out.mean_loops == T and out.loops_computed == 6 * len(prompts) * T
+
+
+def test_teacher_forced_predictions_are_the_argmax_of_one_full_pass():
+    """Forced continuations of different lengths: every prediction is the full pass's argmax at
+    its position, and each row stops after its continuation."""
+    model = make_model()
+    forced = [[7, 3, 1, 9], [2], [4, 4, 8, 1, 6, 0]]
+    out = generate(model, PROMPTS, max_new_tokens=6, forced=forced)
+    with torch.no_grad():
+        for prompt, cont, new in zip(PROMPTS, forced, out.tokens):
+            traj = model(torch.tensor([prompt + cont]), n_loops=model.cfg.n_loops)
+            full = model.logits(traj.states[-1][0]).argmax(-1).tolist()
+            assert new == full[len(prompt) - 1:len(prompt) - 1 + len(cont)]
+    assert out.loops_computed == sum(map(len, forced)) * model.cfg.n_loops
+
+
+@pytest.mark.parametrize("rule", [QExit(0.6), StateChangeExit(0.9)])
+def test_forcing_a_rows_own_greedy_tokens_reproduces_its_generation(rule):
+    """Teacher forcing with a row's own free-running tokens is that generation, exits and all."""
+    model = make_model(n_coda=1)
+    free = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule)
+    forced = generate(model, PROMPTS, max_new_tokens=7, exit_rule=rule, forced=free.tokens)
+    assert (forced.tokens, forced.exit_loops) == (free.tokens, free.exit_loops)
+    assert forced.loops_computed == free.loops_computed < 7 * len(PROMPTS) * model.cfg.n_loops
 
 
 def test_q_exit_at_one_equals_all_loops_token_for_token():
@@ -253,10 +278,12 @@ def test_sampling_top_k_one_is_greedy_and_a_seed_reproduces_a_draw():
     ({"prompts": [[1, 99]]}, "token 99"), ({"max_new_tokens": 0}, "max_new_tokens=0"),
     ({"cache": "shared"}, "cache='shared'"), ({"temperature": -1.0}, "temperature=-1.0"),
     ({"top_k": 0}, "top_k=0"), ({"top_p": 1.5}, "top_p=1.5"), ({"eos": 32}, "eos=32"),
-    ({"n_loops": 0}, "n_loops=0")])
+    ({"n_loops": 0}, "n_loops=0"), ({"forced": [[1]]}, "one continuation per prompt (3)"),
+    ({"forced": [[1], [], [2]]}, "continuation 1 is empty"), ({"forced": [[1], [40], [2]]}, "token 40"),
+    ({"forced": [[1], [2], [3]], "schedule": "staggered"}, "schedule='lockstep', not 'staggered'")])
 def test_bad_generation_arguments_are_named(kwargs, message):
     args = {"prompts": PROMPTS, "max_new_tokens": 3, **kwargs}
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         generate(make_model(), **args)
 
 

@@ -85,6 +85,25 @@ def test_eval_command_scores_each_rule_and_agrees_with_generate(run_dir, tmp_pat
     assert "trained on 'addition'" in capsys.readouterr().err
 
 
+def test_teacher_forced_eval_scores_next_token_accuracy_of_full_passes(run_dir, tmp_path):
+    out_json = tmp_path / "forced.json"
+    assert eval_main([str(run_dir), "--rule", "all", "--rule", "q_exit=0.5", "--max-examples", "12",
+                      "--teacher-forced", "--select-only", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    model, task = load_run(run_dir)
+    correct = total = 0
+    with torch.no_grad():
+        for unit in held_out_units(task, 12):
+            seq = unit.prompt + unit.answer[:-1]
+            traj = model(torch.tensor([seq]), n_loops=model.cfg.n_loops)
+            pred = model.logits(traj.states[-1][0]).argmax(-1)[len(unit.prompt) - 1:].tolist()
+            correct += sum(p == a for p, a in zip(pred, unit.answer))
+            total += len(unit.answer)
+    assert rows[0]["token_acc"] == pytest.approx(correct / total)
+    assert rows[1]["mean_loops"] < 4 and 0 <= rows[1]["token_acc_select_only"] <= 1
+    assert eval_main([str(run_dir), "--teacher-forced", "--schedule", "staggered"]) == 2
+
+
 def test_staggered_schedule_on_the_command_line_scores_and_generates_as_lockstep(run_dir, tmp_path, capsys):
     rows = {}
     for schedule in ("lockstep", "staggered"):

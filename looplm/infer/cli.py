@@ -88,6 +88,9 @@ def eval_main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=256, help="answers decoding at once (the slots)")
     parser.add_argument("--select-only", action="store_true", help="also score each rule computing "
                         "every loop (the rule only selects): the accuracy cost of skipping")
+    parser.add_argument("--teacher-forced", action="store_true", help="feed each answer's true tokens "
+                        "(next-token accuracy through the same decode path, cache and skipped loops; "
+                        "lockstep only): on text, where free-running greedy text soon diverges")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -103,14 +106,18 @@ def eval_main(argv=None) -> int:
                            f"scores only that task (--task run or --task {task.name})")
         T = args.n_loops or model.cfg.n_loops
         rules = rules or [None, *default_rules(T)]
+        if args.teacher_forced and args.schedule != "lockstep":
+            raise RunError(f"--teacher-forced runs on --schedule lockstep, not {args.schedule!r}")
         units = held_out_units(task, args.max_examples)
         rows = []
         for rule in rules:
             name, setting = ("all", T) if rule is None else rule.label
             row = {"rule": name, "setting": setting,
-                   **score(model, units, rule, T, args.batch_size, cache=args.cache, schedule=args.schedule)}
+                   **score(model, units, rule, T, args.batch_size, cache=args.cache, schedule=args.schedule,
+                            teacher_forced=args.teacher_forced)}
             if args.select_only and rule is not None:
-                selected = score(model, units, rule, T, args.batch_size, cache=args.cache, skip=False)
+                selected = score(model, units, rule, T, args.batch_size, cache=args.cache, skip=False,
+                                 teacher_forced=args.teacher_forced)
                 row["exact_match_select_only"] = selected["exact_match"]
                 row["token_acc_select_only"] = selected["token_acc"]
             rows.append(row)
@@ -119,7 +126,8 @@ def eval_main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(units)} held-out answers of {type(task).__name__}, generated greedily, "
+    how = "teacher forced" if args.teacher_forced else "generated greedily"
+    table = Table(title=f"{len(units)} held-out answers of {type(task).__name__}, {how}, "
                         f"T = {T}, cache {args.cache}, {args.schedule}")
     columns = ["rule", "setting", "exact_match", "token_acc", "mean_loops", "tokens_per_s"]
     columns += ["exact_match_select_only", "token_acc_select_only"] * args.select_only

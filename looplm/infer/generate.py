@@ -88,6 +88,22 @@ def _check(model, prompts, max_new_tokens, n_loops, cache, temperature, top_k, t
         raise ValueError(f"eos={eos!r} must be None or a token id in 0..{vocab - 1}")
 
 
+def _check_forced(model, prompts, forced, schedule):
+    if forced is None:
+        return
+    if schedule != "lockstep":
+        raise ValueError(f"forced continuations (teacher forcing) run on schedule='lockstep', not {schedule!r}")
+    if not isinstance(forced, (list, tuple)) or len(forced) != len(prompts):
+        raise ValueError(f"forced must be a list of one continuation per prompt ({len(prompts)})")
+    vocab = model.cfg.vocab_size
+    for i, f in enumerate(forced):
+        if len(f) == 0:
+            raise ValueError(f"forced continuation {i} is empty: every row predicts at least one token")
+        bad = [t for t in f if not is_integer(t) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"forced continuation {i} holds token {bad[0]!r}: allowed are integers 0..{vocab - 1}")
+
+
 def sampler(temperature: float, top_k, top_p, generator=None):
     """next-token function of (B, V) logits: argmax at temperature 0, else a draw from the
     temperature / top-k / top-p warped distribution (transformers' warpers)."""
@@ -104,23 +120,36 @@ def sampler(temperature: float, top_k, top_p, generator=None):
     return draw
 
 
-def lockstep_decode(model, kv, nxt, n_loops, rule, pick, max_new_tokens, eos, tokens, exit_loops, skip) -> int:
+def lockstep_decode(model, kv, nxt, n_loops, rule, pick, max_new_tokens, eos, tokens, exit_loops, skip,
+                    forced=None) -> int:
     """Decode one token of every unfinished row per step (finished rows sit out), after a
-    prefill whose tokens `nxt` are recorded in `tokens` / `exit_loops`. Returns the loops computed."""
+    prefill whose tokens `nxt` are recorded in `tokens` / `exit_loops`. With `forced` (per row,
+    the true continuation), step k feeds the row's k-th true token instead of its prediction, and a
+    row is done after len(forced[row]) predictions. Returns the loops computed."""
     done = torch.zeros_like(nxt, dtype=torch.bool) if eos is None else nxt == eos
+    if forced is not None:
+        lengths = torch.tensor([len(f) for f in forced], device=nxt.device)
+        truth = torch.zeros(len(forced), max(max_new_tokens, 1), dtype=torch.long)
+        for i, f in enumerate(forced):
+            truth[i, :len(f)] = torch.tensor(f[:max_new_tokens], dtype=torch.long)
+        truth = truth.to(nxt.device)
+        done = lengths <= 1
     computed = 0
-    for _ in range(1, max_new_tokens):
+    for k in range(1, max_new_tokens):
         if done.all():
             break
         active = None if not done.any() else torch.nonzero(~done).squeeze(1)
-        result = step(model, nxt[:, None], kv, n_loops, rule, active=active, skip=skip)
+        fed = nxt if forced is None else truth[:, k - 1]
+        result = step(model, fed[:, None], kv, n_loops, rule, active=active, skip=skip)
         computed += int(result.loops_run.sum())
         nxt = pick(model.logits(result.states[:, -1]))
         new, exits = nxt.tolist(), result.exit_loops[:, -1].tolist()  # one device sync a step
         for i in torch.nonzero(~done).squeeze(1).tolist():
             tokens[i].append(new[i])
             exit_loops[i].append(exits[i])
-        if eos is not None:
+        if forced is not None:
+            done |= lengths <= k + 1
+        elif eos is not None:
             done |= nxt == eos
     return computed
 
@@ -157,7 +186,8 @@ class Prefill:
 def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int | None = None,
              cache: str = "per_loop", temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos: int | None = None, generator=None,
-             skip: bool = True, schedule: str = "lockstep", slots: int | None = None) -> Generation:
+             skip: bool = True, schedule: str = "lockstep", slots: int | None = None,
+             forced: list | None = None) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (lists of token ids).
 
     exit_rule: a looplm.exits rule deciding each token's exit loop (None: all n_loops, default
@@ -165,9 +195,12 @@ def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int |
     decoding at once (default: every prompt). schedule: "lockstep" decodes one token of every
     row per step, its loop t while any row needs it, `slots` prompts at a time; "staggered" runs
     each row's own loops of its own tokens, and a waiting prompt takes a slot as soon as one
-    frees (looplm.infer.staggered)."""
+    frees (looplm.infer.staggered). forced: per prompt, its true continuation (teacher forcing,
+    lockstep only): each step feeds the true token, the tokens returned are the predictions of
+    each next one, and a row stops after its continuation's length (or max_new_tokens)."""
     T = model.cfg.n_loops if n_loops is None else n_loops
     _check(model, prompts, max_new_tokens, T, cache, temperature, top_k, top_p, eos, skip, schedule, slots)
+    _check_forced(model, prompts, forced, schedule)
     slots = len(prompts) if slots is None else min(slots, len(prompts))
     was_training = model.training
     model.eval()
@@ -187,7 +220,8 @@ def generate(model, prompts, max_new_tokens: int, exit_rule=None, n_loops: int |
                 for i, token, e in zip(range(lo, lo + len(chunk)), first.tolist(), exits.tolist()):
                     tokens[i], exit_loops[i] = [token], [e]
                 decoded += lockstep_decode(model, kv, first, T, exit_rule, pick, max_new_tokens, eos,
-                                           tokens[lo:lo + slots], exit_loops[lo:lo + slots], skip=skip)
+                                           tokens[lo:lo + slots], exit_loops[lo:lo + slots], skip=skip,
+                                           forced=None if forced is None else forced[lo:lo + slots])
                 cache_bytes = max(cache_bytes, kv.nbytes)
         return Generation(tokens, exit_loops, loops_computed=prefill.loops + decoded,
                           seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - c0,

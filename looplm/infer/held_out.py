@@ -1,5 +1,6 @@
-"""Held-out accuracy of free-running generation, by exit rule: every held-out answer is
-generated greedily from its prompt with the rule deciding each token's exit (and skipping the
+"""Held-out accuracy of generation, by exit rule: every held-out answer is
+generated greedily from its prompt (or, teacher forced, each of its tokens predicted from the true
+ones before it) with the rule deciding each token's exit (and skipping the
 loops after it), and scored by exact match and token accuracy, with tokens/s and the mean loops
 actually computed. Unlike looplm.evaluate (teacher forcing, all loops run, the rule selects) this
 measures what serving the model costs and what the skipped loops' copied KV entries lose.
@@ -61,16 +62,19 @@ def parse_rule(text: str):
 
 
 def score(model, units: list[Unit], rule, n_loops: int, batch_size: int, cache: str = "per_loop",
-          skip: bool = True, schedule: str = "lockstep") -> dict:
+          skip: bool = True, schedule: str = "lockstep", teacher_forced: bool = False) -> dict:
     """Exact match, token accuracy, mean loops computed and tokens/s of greedy answers, `batch_size`
-    decoding at once: in batches (lockstep), or as a queue over that many slots (staggered)."""
+    decoding at once: in batches (lockstep), or as a queue over that many slots (staggered).
+    teacher_forced: every step is fed the answer's true token (the decode path, its cache and
+    skipped loops unchanged), so token accuracy is next-token accuracy, not diverging text's."""
     exact = correct = n_tokens = loops = generated = 0
     seconds = 0.0
     for start in range(0, len(units), batch_size if schedule == "lockstep" else len(units)):
         chunk = units[start:start + batch_size] if schedule == "lockstep" else units
         width = max(len(u.answer) for u in chunk)
         out = generate(model, [u.prompt for u in chunk], width, exit_rule=rule, n_loops=n_loops,
-                       cache=cache, skip=skip, schedule=schedule, slots=batch_size)
+                       cache=cache, skip=skip, schedule=schedule, slots=batch_size,
+                       forced=[u.answer for u in chunk] if teacher_forced else None)
         for unit, new in zip(chunk, out.tokens):
             hits = [a == b for a, b in zip(new, unit.answer)]
             exact += all(hits) and len(new) >= len(unit.answer)
