@@ -98,10 +98,12 @@ def test_a_signal_to_one_rank_stops_both_ranks_and_the_run_resumes_at_any_world_
     for where, ranks in (("two", 4), ("one", 1)):
         resumed = final(tmp_path / where)
         assert resumed["step"] == STEPS == len(resumed["history"]) and resumed["world_size"] == ranks
+        # losses of ~4 to 1e-5 relative: 4 ranks sum the gradients in another order (seen: 1.05e-5 absolute)
         torch.testing.assert_close(torch.tensor(resumed["history"]), torch.tensor(reference["history"]),
-                                   rtol=0, atol=1e-5, msg=lambda m: f"resumed at {ranks}: {m}")
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"resumed at {ranks}: {m}")
         for name, value in reference["model"].items():
-            torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=1e-4,  # AdamW magnifies the
-                                       msg=lambda m: f"resumed at {ranks}, {name}: {m}")  # rounding of ~0 grads
+            # AdamW turns a rounding-level gradient into a step of up to lr (2e-3): seen 1.26e-4 at 4 ranks
+            torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=5e-4,
+                                       msg=lambda m: f"resumed at {ranks}, {name}: {m}")
     # one process writes whole tensors again, and the shard folder it resumed from is gone
     assert not [p.name for p in (tmp_path / "one").iterdir() if "shards" in p.name]
