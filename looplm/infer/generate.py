@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
@@ -56,16 +57,21 @@ class Generation:
         return self.n_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
+def _check_ids(seqs, what: str, why_not_empty: str, vocab: int) -> None:
+    """Each of `seqs` is a non-empty list of token ids in 0..vocab-1."""
+    for i, seq in enumerate(seqs):
+        if len(seq) == 0:
+            raise ValueError(f"{what} {i} is empty: {why_not_empty}")
+        bad = [t for t in seq if not is_integer(t) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} {i} holds token {bad[0]!r}: allowed are integers 0..{vocab - 1}")
+
+
 def _check(model, prompts, max_new_tokens, n_loops, cache, temperature, top_k, top_p, eos, skip, schedule, slots):
     vocab = model.cfg.vocab_size
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        bad = [t for t in p if not is_integer(t) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {i} holds token {bad[0]!r}: allowed are integers 0..{vocab - 1}")
+    _check_ids(prompts, "prompt", "every prompt needs at least one token", vocab)
     if not is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     if not is_integer(n_loops) or n_loops < 1:
@@ -95,13 +101,7 @@ def _check_forced(model, prompts, forced, schedule):
         raise ValueError(f"forced continuations (teacher forcing) run on schedule='lockstep', not {schedule!r}")
     if not isinstance(forced, (list, tuple)) or len(forced) != len(prompts):
         raise ValueError(f"forced must be a list of one continuation per prompt ({len(prompts)})")
-    vocab = model.cfg.vocab_size
-    for i, f in enumerate(forced):
-        if len(f) == 0:
-            raise ValueError(f"forced continuation {i} is empty: every row predicts at least one token")
-        bad = [t for t in f if not is_integer(t) or not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"forced continuation {i} holds token {bad[0]!r}: allowed are integers 0..{vocab - 1}")
+    _check_ids(forced, "forced continuation", "every row predicts at least one token", model.cfg.vocab_size)
 
 
 def sampler(temperature: float, top_k, top_p, generator=None):
@@ -126,13 +126,11 @@ def lockstep_decode(model, kv, nxt, n_loops, rule, pick, max_new_tokens, eos, to
     prefill whose tokens `nxt` are recorded in `tokens` / `exit_loops`. With `forced` (per row,
     the true continuation), step k feeds the row's k-th true token instead of its prediction, and a
     row is done after len(forced[row]) predictions. Returns the loops computed."""
-    done = torch.zeros_like(nxt, dtype=torch.bool) if eos is None else nxt == eos
-    if forced is not None:
+    if forced is None:
+        done = torch.zeros_like(nxt, dtype=torch.bool) if eos is None else nxt == eos
+    else:
         lengths = torch.tensor([len(f) for f in forced], device=nxt.device)
-        truth = torch.zeros(len(forced), max(max_new_tokens, 1), dtype=torch.long)
-        for i, f in enumerate(forced):
-            truth[i, :len(f)] = torch.tensor(f[:max_new_tokens], dtype=torch.long)
-        truth = truth.to(nxt.device)
+        truth = pad_sequence([torch.tensor(f) for f in forced], batch_first=True).to(nxt.device)
         done = lengths <= 1
     computed = 0
     for k in range(1, max_new_tokens):
